@@ -1,0 +1,85 @@
+"""Recipes: extends, dotted overrides, and errors that exit 2 naming the key."""
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from vlpt.errors import RecipeError
+from vlpt.recipe import load_recipe
+
+from conftest import REPO, tiny_recipe
+
+
+def _vlpt(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "vlpt.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_extends_and_overrides(tmp_path):
+    base = tiny_recipe(tmp_path)
+    child = tmp_path / "child.yaml"
+    child.write_text(yaml.safe_dump({"extends": base.name, "train": {"lr": 0.5}, "seed": 3}))
+    r = load_recipe(child, ["train.steps=7", "model.hidden_size=64", "tasks.itm.weight=2", "data.train.0.weight=3"])
+    assert r.train.lr == 0.5 and r.train.steps == 7 and r.train.warmup == 1  # child, override, base
+    assert r.seed == 3 and r.model.hidden_size == 64 and r.model.layers == 2
+    assert r.tasks["itm"].weight == 2 and r.data.train[0].weight == 3
+    assert r.train.betas == [0.9, 0.98]  # default
+
+
+def test_scientific_notation_string_is_a_float(tmp_path):
+    r = load_recipe(tiny_recipe(tmp_path), ["train.lr=1e-4"])
+    assert r.train.lr == 1e-4
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.lrr=1", "train.lrr' (did you mean 'train.lr'"),
+        ("trian.steps=1", "'trian' (did you mean 'train'"),
+        ("train.steps=abc", "'train.steps' must be an integer"),
+        ("mixing=summ", "'mixing' must be 'sample' or 'sum'"),
+        ("train.precision=fp8", "'train.precision'"),
+    ],
+)
+def test_bad_keys_raise_naming_the_key(tmp_path, override, expected):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(tiny_recipe(tmp_path), [override])
+    assert expected in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.lrr=1", "did you mean 'train.lr'"),
+        ("model.init_from=/nonexistent/bert", "model.init_from"),
+        ("tasks.mlm.objectives.mlmm=1", "unknown objective 'mlmm' (did you mean 'mlm'"),
+        ("tasks.mlm.objectives.mlm={weight: 1, probb: 0.2}", "tasks.mlm.objectives.mlm.probb"),
+        ("data.train.0.shapes=null", "data.train.0"),
+        ("data.train.0.shards=/nonexistent/shard-{000..003}.tar", "data.train.0"),
+    ],
+)
+def test_cli_errors_exit_2_without_traceback(tmp_path, override, expected):
+    res = _vlpt("train", str(tiny_recipe(tmp_path)), override)
+    assert res.returncode == 2, res.stderr
+    assert expected in res.stderr
+    assert "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_missing_recipe_file_exits_2(tmp_path):
+    res = _vlpt("train", str(tmp_path / "nope.yaml"))
+    assert res.returncode == 2 and "nope.yaml' not found" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_shipped_recipes_validate():
+    for name in ("quickstart.yaml",):
+        r = load_recipe(REPO / "recipes" / name)
+        from vlpt.recipe import resolve_tasks
+
+        assert resolve_tasks(r)
+
+
+def test_missing_shard_names_pattern(tmp_path):
+    recipe = tiny_recipe(tmp_path, data={"train": [{"shards": str(tmp_path / "shard-{000..003}.tar")}]})
+    res = _vlpt("train", str(recipe))
+    assert res.returncode == 2 and "'data.train.0.shards'" in res.stderr and "shard-{000..003}.tar" in res.stderr

@@ -1,0 +1,94 @@
+"""Building a run's pieces from a recipe: tokenizer, model, objectives, data.
+
+Shared by ``vlpt train``, ``eval``, ``export`` and the benchmarks, so they all
+build exactly the same model for the same recipe.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from .data.collate import Collator
+from .data.samples import DecodeSettings
+from .data.sources import default_tokenizer_path, resolve_sources
+from .data.stream import Source, TaskStream
+from .data.tokenizer import TextTokenizer
+from .model import VLModel
+from .model.bert_io import apply_bert_config, load_bert_into
+from .recipe import Recipe, TaskSpec, check_files, resolve_tasks
+from .tasks import PretrainModel, task_pipeline
+
+
+@dataclass
+class Built:
+    recipe: Recipe
+    tasks: list[TaskSpec]
+    tokenizer: TextTokenizer
+    model: PretrainModel
+
+
+def validate(recipe: Recipe) -> list[TaskSpec]:
+    """Every check that needs no heavy work: files, objectives, options."""
+    check_files(recipe)
+    return resolve_tasks(recipe)
+
+
+def build_model(recipe: Recipe, tasks: list[TaskSpec] | None = None, load_init: bool = True) -> Built:
+    """Tokenizer + :class:`PretrainModel` (BERT weights loaded if ``model.init_from``)."""
+    tasks = tasks if tasks is not None else validate(recipe)
+    tokenizer = TextTokenizer.from_path(default_tokenizer_path(recipe))
+    mcfg = copy.deepcopy(recipe.model)
+    if mcfg.init_from:
+        apply_bert_config(mcfg, mcfg.init_from)
+    if mcfg.vocab_size is None:
+        mcfg.vocab_size = tokenizer.vocab_size
+    elif mcfg.vocab_size < tokenizer.vocab_size:
+        from .errors import RecipeError
+
+        raise RecipeError(f"recipe key 'model.vocab_size' ({mcfg.vocab_size}) is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size})")
+    vl = VLModel(mcfg)
+    if mcfg.init_from and load_init:
+        load_bert_into(vl, mcfg.init_from)
+    return Built(recipe, tasks, tokenizer, PretrainModel(vl, tasks, tokenizer))
+
+
+def decode_settings(recipe: Recipe, model: PretrainModel) -> DecodeSettings:
+    bb = recipe.model.image_backbone
+    return DecodeSettings(
+        feature_dim=None if bb else model.vl.feature_dim,
+        max_text_len=recipe.data.max_text_len,
+        max_regions=recipe.data.max_regions,
+        image_size=bb.image_size if bb else None,
+    )
+
+
+def task_streams(built: Built, sources: list[Source], rank: int = 0, world_size: int = 1) -> dict[str, TaskStream]:
+    r = built.recipe
+    d = r.data
+    settings = decode_settings(r, built.model)
+    streams = {}
+    for i, task in enumerate(built.tasks):
+        pipe = task_pipeline(built.model, task)
+        streams[task.name] = TaskStream(
+            sources, built.tokenizer, settings, pipe, pipe.needs, Collator(built.tokenizer.pad_id, pipe.pad_values),
+            batch_tokens=d.batch_tokens, batch_size=d.batch_size, bucket_size=d.bucket_size,
+            size_multiple=d.size_multiple, shuffle_buffer=d.shuffle_buffer,
+            pool_size=64 if pipe.wants_pool else 0, seed=r.seed, stream_id=i, rank=rank, world_size=world_size,
+        )
+    return streams
+
+
+def eval_collator(built: Built) -> Collator:
+    pads: dict = {}
+    for obj in built.model.objectives.values():
+        pads.update(obj.pad_values)
+    return Collator(built.tokenizer.pad_id, pads)
+
+
+def data_loader(stream: TaskStream, num_workers: int) -> torch.utils.data.DataLoader:
+    kwargs = dict(batch_size=None, num_workers=num_workers)
+    if num_workers > 0:
+        kwargs.update(persistent_workers=True, prefetch_factor=4)
+    return torch.utils.data.DataLoader(stream, **kwargs)

@@ -1,0 +1,146 @@
+"""The ``vlpt`` command line.
+
+A user mistake (:class:`~vlpt.errors.UserError`) prints one line and exits 2,
+without a traceback; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _train(args) -> int:
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        return _dry_run(recipe)
+    from .train.trainer import train
+
+    train(recipe, resume=not args.no_resume, force=args.force)
+    return 0
+
+
+def _dry_run(recipe) -> int:
+    """Validate the recipe and build the model without touching data."""
+    import copy
+
+    from .build import validate
+    from .model import VLModel
+    from .model.bert_io import apply_bert_config
+
+    tasks = validate(recipe)
+    mcfg = copy.deepcopy(recipe.model)
+    if mcfg.init_from:
+        apply_bert_config(mcfg, mcfg.init_from)
+    if mcfg.vocab_size is None:
+        from .data.sources import default_tokenizer_path
+        from .data.tokenizer import TextTokenizer
+
+        try:
+            mcfg.vocab_size = TextTokenizer.from_path(default_tokenizer_path(recipe)).vocab_size
+        except UserError:
+            mcfg.vocab_size = 30522
+            print("vlpt: tokenizer not available yet; counting with BERT's vocabulary (30522)")
+    vl = VLModel(mcfg)
+    print(f"recipe {recipe.source}: valid")
+    print(f"tasks: " + ", ".join(f"{t.name} (weight {t.weight}: " + ", ".join(f"{o.name}×{o.weight}" for o in t.objectives) + ")" for t in tasks))
+    print(f"model: {vl.num_parameters() / 1e6:.2f}M parameters, {vl.num_parameters(exclude_embeddings=True) / 1e6:.2f}M excluding word embeddings")
+    return 0
+
+
+def _eval(args) -> int:
+    from .evaluate_run import evaluate_run
+
+    evaluate_run(args.run, args.checkpoint, args.overrides)
+    return 0
+
+
+def _export(args) -> int:
+    from .evaluate_run import export_run
+
+    export_run(args.run, args.out_dir)
+    return 0
+
+
+def _data_shapes(args) -> int:
+    from .data.shapes import write_shapes
+
+    paths = write_shapes(args.out, args.samples, seed=args.seed, shard_size=args.shard_size, image_size=args.image_size)
+    print(f"wrote {args.samples} samples in {len(paths)} shard(s) and tokenizer.json to {args.out}")
+    return 0
+
+
+def _objectives(args) -> int:
+    import dataclasses
+
+    from .registry import objective_source, registered_objectives
+
+    for name, cls in registered_objectives().items():
+        doc = (cls.__module__ and (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "")).strip().splitlines()
+        print(f"{name:10s} needs {'+'.join(sorted(cls.needs)):10s} from {objective_source(name)}")
+        if doc:
+            print(f"           {doc[0]}")
+        for f in dataclasses.fields(cls.Options):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
+            print(f"           {f.name} = {default!r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlpt", description="Single-stream vision-language pretraining with pluggable objectives.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train from a recipe", description="Train from a YAML recipe; key.path=value overrides any recipe key.")
+    t.add_argument("recipe")
+    t.add_argument("overrides", nargs="*", help="e.g. train.steps=20 output_dir=/tmp/run")
+    t.add_argument("--dry-run", action="store_true", help="validate the recipe, print the model size, touch no data")
+    t.add_argument("--no-resume", action="store_true", help="do not resume from checkpoints in output_dir")
+    t.add_argument("--force", action="store_true", help="with --no-resume: clear output_dir's checkpoints and logs first")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="evaluate a run (writes eval.json)")
+    e.add_argument("run", help="a run folder (output_dir)")
+    e.add_argument("overrides", nargs="*", help="e.g. eval.samples=500")
+    e.add_argument("--checkpoint", help="a checkpoint folder (default: the run's latest)")
+    e.set_defaults(func=_eval)
+
+    x = sub.add_parser("export", help="export the trunk as a Hugging Face BERT checkpoint")
+    x.add_argument("run", help="a run folder or a checkpoint folder")
+    x.add_argument("out_dir")
+    x.set_defaults(func=_export)
+
+    d = sub.add_parser("data", help="data tools")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    s = dsub.add_parser("shapes", help="generate the synthetic shapes data set as webdataset shards")
+    s.add_argument("--out", required=True)
+    s.add_argument("--samples", type=int, default=20000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--shard-size", type=int, default=2000)
+    s.add_argument("--image-size", type=int, default=64)
+    s.set_defaults(func=_data_shapes)
+
+    o = sub.add_parser("objectives", help="list registered objectives and their options")
+    o.set_defaults(func=_objectives)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except UserError as e:
+        print(f"vlpt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vlpt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

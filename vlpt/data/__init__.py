@@ -1,0 +1,1 @@
+"""The data path: shard streaming, safe decoding, tokenization, masking, batching, collation."""

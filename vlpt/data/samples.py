@@ -1,0 +1,127 @@
+"""Decoding shard samples into clean samples — safely, and counting what is dropped.
+
+Only the fields vlpt uses are decoded, each with a safe decoder: UTF-8 text,
+JSON, ``np.load(allow_pickle=False)`` for ``regions.npz`` and PIL for images.
+webdataset's default decoders would unpickle ``.pyd``/``.pickle`` fields, i.e.
+run code from the data; vlpt never calls them.
+
+A bad sample raises :class:`BadSample` with a short reason; the stream skips it
+and counts it by reason.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; ``reason`` is a short key for counting."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass
+class DecodeSettings:
+    feature_dim: int | None  # expected region feature size (None: any)
+    max_text_len: int = 60  # word pieces incl. [CLS]/[SEP]; longer captions are dropped (UNITER)
+    max_regions: int = 100
+    image_size: int | None = None  # decode images (for a backbone) at this size; None: do not decode
+
+
+def decode_regions(data: bytes, settings: DecodeSettings) -> dict[str, np.ndarray]:
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except Exception as e:
+        raise BadSample("bad_regions", f"unreadable regions.npz ({type(e).__name__})") from None
+    if "features" not in arrays or "boxes" not in arrays:
+        raise BadSample("bad_regions", "regions.npz lacks features or boxes")
+    feats = arrays["features"]
+    boxes = arrays["boxes"]
+    if feats.ndim != 2 or boxes.ndim != 2 or boxes.shape[1] != 4 or feats.shape[0] != boxes.shape[0]:
+        raise BadSample("bad_regions", f"features {feats.shape} / boxes {boxes.shape} do not match")
+    if settings.feature_dim is not None and feats.shape[1] != settings.feature_dim:
+        raise BadSample("bad_regions", f"feature size {feats.shape[1]} != {settings.feature_dim}")
+    if feats.shape[0] == 0:
+        raise BadSample("bad_regions", "no regions")
+    out = {"features": feats.astype(np.float32), "boxes": boxes.astype(np.float32)}
+    if not (np.isfinite(out["features"]).all() and np.isfinite(out["boxes"]).all()):
+        raise BadSample("nonfinite_regions")
+    for opt in ("soft_labels", "conf"):
+        if opt in arrays:
+            a = arrays[opt].astype(np.float32)
+            if a.shape[0] != feats.shape[0] or not np.isfinite(a).all():
+                raise BadSample("bad_regions", f"{opt} does not match the regions")
+            out[opt] = a
+    if feats.shape[0] > settings.max_regions:
+        keep = np.argsort(-out["conf"])[: settings.max_regions] if "conf" in out else np.arange(settings.max_regions)
+        keep = np.sort(keep)
+        out = {k: v[keep] for k, v in out.items()}
+    return out
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im = im.convert("RGB").resize((size, size), Image.BICUBIC)
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+    except Exception as e:
+        raise BadSample("bad_image", type(e).__name__) from None
+    return arr.transpose(2, 0, 1).copy()  # (3, S, S)
+
+
+def decode_sample(raw: dict[str, Any], tokenizer, settings: DecodeSettings) -> dict[str, Any]:
+    """A raw webdataset sample (bytes per extension) -> a clean sample dict."""
+    sample: dict[str, Any] = {"key": raw.get("__key__", "")}
+    if "txt" in raw:
+        try:
+            text = raw["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise BadSample("bad_caption", "not UTF-8") from None
+        if not text:
+            raise BadSample("empty_caption")
+        ids, word_ids = tokenizer.encode(text)
+        if len(ids) > settings.max_text_len:
+            raise BadSample("caption_too_long", f"{len(ids)} > {settings.max_text_len} tokens")
+        sample.update(text=text, input_ids=np.asarray(ids, dtype=np.int64), word_ids=word_ids)
+    if settings.image_size is not None:
+        img_key = next((e for e in IMAGE_EXTS if e in raw), None)
+        if img_key is not None:
+            sample["image"] = decode_image(raw[img_key], settings.image_size)
+    elif "regions.npz" in raw:
+        sample.update(decode_regions(raw["regions.npz"], settings))
+    if "json" in raw:
+        try:
+            meta = json.loads(raw["json"].decode("utf-8"))
+        except Exception:
+            raise BadSample("bad_json") from None
+        if isinstance(meta, dict):
+            sample["grounding"] = meta
+    return sample
+
+
+def modalities(sample: dict) -> set[str]:
+    out = set()
+    if "input_ids" in sample:
+        out.add("text")
+    if "features" in sample or "image" in sample:
+        out.add("image")
+    return out
+
+
+def sample_length(sample: dict) -> int:
+    """Sequence length for token batching: text tokens + regions."""
+    n = len(sample.get("input_ids", ()))
+    if "features" in sample:
+        n += len(sample["features"])
+    return n

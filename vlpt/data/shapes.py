@@ -1,0 +1,536 @@
+"""The synthetic "shapes" image-caption data set.
+
+This is the default data set of vlpt: it can be generated and trained on in a
+few CPU minutes, yet it poses a real grounding problem.  Every image shows one
+to three objects (a colored circle, square, triangle or cross, small or large)
+on a dark background, and its caption names every object exactly once, in a
+random order, with a relation between the first two named objects that is
+geometrically true::
+
+    a large red circle left of a small blue square and a small gray cross
+
+What a sample holds, and why
+----------------------------
+*   ``jpg`` -- the rendered image (JPEG, quality 90, no chroma subsampling:
+    4:2:0 subsampling smears the color of a 12 px object into the background),
+    for humans and for models that want pixels.
+*   ``txt`` -- the caption: lowercase words separated by single spaces, no
+    punctuation, so that ``caption.split(" ")`` is the word list every word
+    index below refers to.
+*   ``regions.npz`` -- what a single-stream vision-language transformer sees as
+    its visual tokens, one row per object, in a random order that is independent
+    of the caption order (so the position of a region never gives away which
+    word it belongs to; only its content does):
+
+    ``features`` float16 ``[N, FEATURE_DIM]``
+        The object's box cropped out of the *rendered* uint8 image (before JPEG,
+        so no compression artefacts), box-resampled to 8x8 RGB, scaled to
+        [0, 1] and centered as ``2 f - 1``, flattened in (row, column, channel)
+        order.  A raw crop is the simplest feature from which a *small* model
+        can recover both attributes: the color is the mean of the bright pixels
+        and the shape is the pattern of bright versus dark cells (a square fills
+        the crop, a circle leaves the corners dark, a triangle the top corners,
+        a cross all four corner blocks).  Centering matters: on a black
+        background a gray object and a white one differ only in scale in [0, 1]
+        features, which a model with layer norm partly normalizes away; in
+        [-1, 1] the background sits at -1 and gray at about 0, so the two differ
+        in sign and pattern, not just magnitude.
+    ``boxes`` float32 ``[N, 4]``
+        Normalized ``x1, y1, x2, y2`` in [0, 1] (``x2``/``y2`` exclusive pixel
+        edges divided by the image size), for box/position embeddings and for
+        checking relations.
+    ``soft_labels`` float16 ``[N, NUM_CLASSES]``
+        A noisy, detector-like class distribution over the color x shape
+        classes (class 0 = background, class ``1 + color_idx * len(SHAPES) +
+        shape_idx``), as region-classification objectives in the style of
+        UNITER/LXMERT expect.  Its argmax (ignoring background) is the true class
+        about 98% of the time.
+    ``conf`` float32 ``[N]``
+        A detector confidence, uniform in [0.6, 1.0]; it carries no information.
+
+*   ``json`` -- the grounding: the objects in caption order, each with its region
+    row and the caption word indices of its size, color and shape words, and
+    the relation (its word span and the subject/object region rows).  It lets
+    tests and evaluation check word-region alignment; a model must never be
+    fed it, because the text is meant to be the only way to know which color
+    and shape is where.
+
+Within one image no two objects share both color and shape, so every object
+phrase (and thus every word-region alignment) is unambiguous.
+
+Determinism
+-----------
+Sample ``i`` of seed ``s`` is drawn from ``np.random.default_rng([s, i])`` alone,
+so shards can be generated independently (in parallel) and the same seed gives
+byte-identical samples (images, ``.npz`` files with fixed zip timestamps, and
+tar files with a fixed mtime) with the same numpy/Pillow versions.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = [
+    "COLORS",
+    "COLOR_RGB",
+    "SHAPES",
+    "SIZES",
+    "RELATIONS",
+    "FEATURE_DIM",
+    "NUM_CLASSES",
+    "CROP_SIZE",
+    "SPECIAL_TOKENS",
+    "VOCAB_WORDS",
+    "class_index",
+    "class_name",
+    "make_sample",
+    "decode_sample",
+    "train_tokenizer",
+    "write_shapes",
+]
+
+# --------------------------------------------------------------------------- vocabulary
+
+#: Color names and their base RGB values.  The values are at least ~85 apart
+#: (Euclidean, 0-255) from each other even after the +-10 per-channel jitter,
+#: and gray/white differ strongly from the black background.
+COLOR_RGB: dict[str, tuple[int, int, int]] = {
+    "red": (230, 30, 30),
+    "green": (30, 190, 40),
+    "blue": (40, 80, 245),
+    "yellow": (240, 230, 30),
+    "purple": (150, 40, 200),
+    "orange": (250, 140, 10),
+    "white": (245, 245, 245),
+    "gray": (128, 128, 128),
+}
+COLORS: tuple[str, ...] = tuple(COLOR_RGB)
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+SIZES: tuple[str, ...] = ("small", "large")
+RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
+
+#: Side of the square crop every region is resampled to.
+CROP_SIZE: int = 8
+#: 8 x 8 RGB crop, flattened in (row, column, channel) order.
+FEATURE_DIM: int = CROP_SIZE * CROP_SIZE * 3
+#: Background plus one class per (color, shape) pair.
+NUM_CLASSES: int = 1 + len(COLORS) * len(SHAPES)
+
+#: Special tokens of the caption tokenizer, in id order ([PAD] = 0 ... [MASK] = 4).
+SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+#: Every word the caption grammar can produce, so that a tokenizer trained on a
+#: few captions still covers any caption (and any prompt built from the grammar).
+VOCAB_WORDS: tuple[str, ...] = tuple(
+    sorted({"a", "and", *SIZES, *COLORS, *SHAPES, *(w for r in RELATIONS for w in r.split())})
+)
+
+# Object counts 1, 2, 3 and their probabilities.
+_COUNT_PROBS = (0.1, 0.45, 0.45)
+# Object side lengths in pixels at 64 px (inclusive ranges), scaled with image_size.
+_SIDE_RANGE_64 = {"small": (12, 14), "large": (20, 24)}
+# Minimum empty gap between object boxes in pixels at 64 px.
+_GAP_64 = 2
+# Background noise: uniform integers in [0, _BG_NOISE) per pixel and channel.
+_BG_NOISE = 8
+# Per-object color jitter, uniform integers in [-_JITTER, _JITTER] per channel.
+_JITTER = 10
+# Logit margin of the true class in the simulated detector (about 98% argmax accuracy).
+_LABEL_MARGIN = 4.5
+_JPEG_QUALITY = 90
+# Fixed timestamps so that .npz members and tar members are byte-reproducible.
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+# An int: tarfile writes an extra 1 KiB PAX header per member for a float mtime.
+_TAR_MTIME = 0
+_MIN_IMAGE_SIZE = 24
+
+
+def class_index(color: str, shape: str) -> int:
+    """Index of the (color, shape) class in ``soft_labels`` (0 is background)."""
+    return 1 + COLORS.index(color) * len(SHAPES) + SHAPES.index(shape)
+
+
+def class_name(index: int) -> str:
+    """Inverse of :func:`class_index`: ``"red circle"``, or ``"background"`` for 0."""
+    if index == 0:
+        return "background"
+    if not 0 < index < NUM_CLASSES:
+        raise ValueError(f"class index {index} out of range [0, {NUM_CLASSES})")
+    c, s = divmod(index - 1, len(SHAPES))
+    return f"{COLORS[c]} {SHAPES[s]}"
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _scaled(px: int, image_size: int) -> int:
+    return max(1, int(round(px * image_size / 64)))
+
+
+_Box = tuple[int, int, int]  # x, y, side in pixels
+
+
+def _layout(rng: np.random.Generator, n: int, image_size: int) -> tuple[list[str], list[_Box]]:
+    """Sizes and non-overlapping square boxes ``(x, y, side)`` for ``n`` objects.
+
+    Rejection sampling: each object gets a bounded number of random positions
+    that keep a gap to the boxes already placed; if one cannot be placed (three
+    large objects can crowd a 64 px image), the whole layout, sizes included, is
+    drawn again.  Small layouts always fit, so this terminates quickly.
+    """
+    gap = _scaled(_GAP_64, image_size)
+    while True:
+        sizes = [SIZES[i] for i in rng.integers(0, len(SIZES), size=n)]
+        boxes: list[_Box] = []
+        for size in sizes:
+            lo, hi = (_scaled(v, image_size) for v in _SIDE_RANGE_64[size])
+            side = int(rng.integers(lo, hi + 1))
+            for _ in range(50):
+                x, y = (int(v) for v in rng.integers(0, image_size - side + 1, size=2))
+                if all(
+                    x + side + gap <= bx or bx + bs + gap <= x or y + side + gap <= by or by + bs + gap <= y
+                    for bx, by, bs in boxes
+                ):
+                    boxes.append((x, y, side))
+                    break
+            else:
+                break
+        if len(boxes) == n:
+            return sizes, boxes
+
+
+def _draw(draw: ImageDraw.ImageDraw, shape: str, x: int, y: int, side: int, rgb: tuple[int, ...]) -> None:
+    """Draw ``shape`` filling the box ``[x, x + side) x [y, y + side)``.
+
+    Every shape touches all four box edges, so the box is the tight bounding
+    box and the 8x8 crop shows the shape at a fixed scale.
+    """
+    x2, y2 = x + side - 1, y + side - 1  # PIL's coordinates are inclusive
+    if shape == "circle":
+        draw.ellipse((x, y, x2, y2), fill=rgb)
+    elif shape == "square":
+        draw.rectangle((x, y, x2, y2), fill=rgb)
+    elif shape == "triangle":
+        draw.polygon([(x, y2), (x2, y2), ((x + x2) / 2, y)], fill=rgb)
+    elif shape == "cross":
+        arm = max(2, int(round(side / 3)))
+        a0 = x + (side - arm) // 2
+        b0 = y + (side - arm) // 2
+        draw.rectangle((a0, y, a0 + arm - 1, y2), fill=rgb)
+        draw.rectangle((x, b0, x2, b0 + arm - 1), fill=rgb)
+    else:  # pragma: no cover - guarded by SHAPES
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def _relation(a: _Box, b: _Box) -> str:
+    """The true relation of box ``a`` to box ``b`` along the axis where their centers differ more.
+
+    Ties go to the horizontal axis.  Boxes never overlap, so the centers differ
+    on at least one axis and the chosen relation holds strictly.
+    """
+    dx = (b[0] + b[2] / 2) - (a[0] + a[2] / 2)
+    dy = (b[1] + b[2] / 2) - (a[1] + a[2] / 2)
+    if abs(dx) >= abs(dy):
+        return "left of" if dx > 0 else "right of"
+    return "above" if dy > 0 else "below"
+
+
+def _crop_features(image: np.ndarray, box: _Box) -> np.ndarray:
+    """8x8 RGB crop of the box, in [-1, 1] (see the module docstring for why)."""
+    x, y, side = box
+    crop = Image.fromarray(image[y : y + side, x : x + side]).resize((CROP_SIZE, CROP_SIZE), Image.BOX)
+    f = np.asarray(crop, dtype=np.float32) / 255.0
+    return (2.0 * f - 1.0).reshape(-1)
+
+
+def _soft_labels(rng: np.random.Generator, classes: np.ndarray) -> np.ndarray:
+    """Simulated detector output: softmax(margin * onehot + N(0, 1)) with a small background logit."""
+    n = len(classes)
+    logits = rng.normal(size=(n, NUM_CLASSES))
+    logits[np.arange(n), classes] += _LABEL_MARGIN
+    logits[:, 0] = rng.normal(-1.0, 0.5, size=n)
+    logits -= logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """The bytes ``np.savez`` would write, but with fixed member timestamps.
+
+    ``np.savez`` stamps each member with the current time, which would make
+    the same seed give different ``regions.npz`` (and tar) bytes on every run.
+    The format is identical: an uncompressed zip of ``.npy`` files, read with
+    ``np.load(io.BytesIO(b), allow_pickle=False)``.
+    """
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, arr in arrays.items():
+            with zf.open(zipfile.ZipInfo(name + ".npy", date_time=_ZIP_DATE), "w") as f:
+                np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def make_sample(rng: np.random.Generator, image_size: int = 64) -> dict:
+    """One sample as a webdataset dict without ``__key__``.
+
+    Returns ``{"jpg": bytes, "txt": str, "regions.npz": bytes, "json": bytes}``;
+    the module docstring describes each entry.  All randomness comes from
+    ``rng``, so a generator seeded per sample makes the sample reproducible.
+    """
+    if image_size < _MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be at least {_MIN_IMAGE_SIZE}, got {image_size}")
+    n = int(rng.choice(len(_COUNT_PROBS), p=_COUNT_PROBS)) + 1
+    # Distinct (color, shape) pairs: every object phrase names exactly one object.
+    classes = rng.choice(len(COLORS) * len(SHAPES), size=n, replace=False)
+    colors = [COLORS[c // len(SHAPES)] for c in classes]
+    shapes = [SHAPES[c % len(SHAPES)] for c in classes]
+    sizes, boxes = _layout(rng, n, image_size)
+
+    background = rng.integers(0, _BG_NOISE, size=(image_size, image_size, 3), dtype=np.uint8)
+    img = Image.fromarray(background)
+    draw = ImageDraw.Draw(img)
+    for color, shape, box in zip(colors, shapes, boxes):
+        jitter = rng.integers(-_JITTER, _JITTER + 1, size=3)
+        rgb = tuple(int(v) for v in np.clip(np.array(COLOR_RGB[color]) + jitter, 0, 255))
+        _draw(draw, shape, *box, rgb)
+    pixels = np.asarray(img)
+
+    # Objects are indexed 0..n-1 in drawing order; the caption and the region rows
+    # use two independent random permutations of them.
+    caption_order = rng.permutation(n)
+    region_order = rng.permutation(n)
+    region_of = np.empty(n, dtype=np.int64)
+    region_of[region_order] = np.arange(n)  # object index -> region row
+
+    words: list[str] = []
+    objects = []
+    relation = None
+    for pos, obj in enumerate(caption_order):
+        if pos == 1:
+            first = caption_order[0]
+            rel = _relation(boxes[first], boxes[obj])
+            start = len(words)
+            words.extend(rel.split(" "))
+            relation = {
+                "words": [start, len(words)],
+                "subject": int(region_of[first]),
+                "object": int(region_of[obj]),
+                "relation": rel,
+            }
+        elif pos == 2:
+            words.append("and")
+        start = len(words)
+        words.extend(["a", sizes[obj], colors[obj], shapes[obj]])
+        objects.append(
+            {
+                "region": int(region_of[obj]),
+                "color": colors[obj],
+                "shape": shapes[obj],
+                "size": sizes[obj],
+                "words": {"size": start + 1, "color": start + 2, "shape": start + 3},
+            }
+        )
+    caption = " ".join(words)
+
+    features = np.stack([_crop_features(pixels, boxes[o]) for o in region_order]).astype(np.float16)
+    box_arr = np.array(
+        [[x, y, x + s, y + s] for x, y, s in (boxes[o] for o in region_order)], dtype=np.float32
+    ) / np.float32(image_size)
+    soft = _soft_labels(rng, classes[region_order] + 1).astype(np.float16)
+    conf = rng.uniform(0.6, 1.0, size=n).astype(np.float32)
+
+    jpg = io.BytesIO()
+    img.save(jpg, format="JPEG", quality=_JPEG_QUALITY, subsampling=0)
+    meta = {"width": image_size, "height": image_size, "objects": objects, "relation": relation}
+    return {
+        "jpg": jpg.getvalue(),
+        "txt": caption,
+        "regions.npz": _npz_bytes(
+            {"features": features, "boxes": box_arr, "soft_labels": soft, "conf": conf}
+        ),
+        "json": json.dumps(meta, separators=(",", ":")).encode("utf-8"),
+    }
+
+
+def decode_sample(sample: dict) -> dict:
+    """Decode a raw sample (from :func:`make_sample` or a webdataset reader).
+
+    Returns ``{"image": uint8 [H, W, 3], "caption": str, "regions": {name: array},
+    "meta": dict}`` plus ``"__key__"`` when present.  Accepts ``txt`` as str or
+    bytes, as webdataset yields bytes.  Meant for tests, inspection and
+    evaluation, not for a training hot path.
+    """
+    txt = sample["txt"]
+    with np.load(io.BytesIO(sample["regions.npz"]), allow_pickle=False) as z:
+        regions = {k: z[k] for k in z.files}
+    out = {
+        "image": np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("RGB")),
+        "caption": txt.decode("utf-8") if isinstance(txt, (bytes, bytearray)) else txt,
+        "regions": regions,
+        "meta": json.loads(sample["json"]),
+    }
+    if "__key__" in sample:
+        out["__key__"] = sample["__key__"]
+    return out
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def train_tokenizer(captions: Iterable[str]):
+    """A WordPiece tokenizer in which every caption word is exactly one token.
+
+    The vocabulary is the special tokens ([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3,
+    [MASK]=4) followed by the sorted union of the words in ``captions`` and the
+    whole caption grammar (:data:`VOCAB_WORDS`).  It is built directly instead
+    of with ``WordPieceTrainer`` because the trainer may split rare words into
+    sub-words, and one-token-per-word is what makes word-level grounding labels
+    (word index -> token index) trivial.  Including the grammar words makes the
+    vocabulary the same for every seed and sample count, so models trained on
+    different generations of the data set share token ids.
+
+    Normalizer BertNormalizer(lowercase=True), pre-tokenizer BertPreTokenizer,
+    post-processor ``[CLS] $A [SEP]`` (pairs: ``[CLS] $A [SEP] $B [SEP]``), and a
+    WordPiece decoder.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    words = set(VOCAB_WORDS)
+    for caption in captions:
+        words.update(caption.lower().split())
+    words.difference_update(SPECIAL_TOKENS)
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for w in sorted(words):
+        vocab[w] = len(vocab)
+
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return tok
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _sample_rng(seed: int, index: int) -> np.random.Generator:
+    """The generator of sample ``index``.
+
+    Independent of every other sample, so shards can be generated in parallel
+    and any sample can be regenerated on its own.
+    """
+    return np.random.default_rng([seed, index])
+
+
+def _is_replaceable(path: Path) -> bool:
+    """Whether ``path`` is empty or holds only what write_shapes writes (so it may be overwritten)."""
+    for entry in path.iterdir():
+        name = entry.name
+        if not entry.is_file():
+            return False
+        if not (
+            name in ("info.json", "tokenizer.json")
+            or (name.startswith("shapes-") and name.endswith(".tar"))
+        ):
+            return False
+    return True
+
+
+def write_shapes(
+    out_dir,
+    samples: int,
+    seed: int = 0,
+    shard_size: int = 2000,
+    image_size: int = 64,
+    progress: bool = True,
+    desc: str | None = None,
+) -> list[str]:
+    """Write the data set to ``out_dir`` and return its shard paths.
+
+    Produces ``shapes-000000.tar``, ``shapes-000001.tar``, ... (``shard_size``
+    samples each, keys ``f"{seed:04d}-{index:08d}"``), ``tokenizer.json``
+    (see :func:`train_tokenizer`) and ``info.json`` (``samples``, ``shards``,
+    ``seed``, ``image_size``, ``colors``, ``shapes``, ``sizes``, ``relations``,
+    ``feature_dim``, ``num_classes``, ``shard_size``).
+
+    Everything is written into a temporary sibling folder that is renamed to
+    ``out_dir`` only once complete, so an interrupted run never leaves a folder
+    that looks finished: ``info.json`` present means complete.  An existing
+    ``out_dir`` is replaced only if it is empty or holds nothing but files this
+    function writes (a previous shapes data set); otherwise ``FileExistsError``.
+    """
+    import webdataset as wds
+    from tqdm.auto import tqdm
+
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if image_size < _MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be at least {_MIN_IMAGE_SIZE}, got {image_size}")
+    out = Path(out_dir).absolute()
+    if out.exists() and not (out.is_dir() and _is_replaceable(out)):
+        raise FileExistsError(f"{out} exists and is not a shapes data set; refusing to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        names: list[str] = []
+        captions: list[str] = []
+        with tqdm(total=samples, unit="sample", desc=desc or "shapes", disable=not progress) as bar:
+            for shard, start in enumerate(range(0, samples, shard_size)):
+                name = f"shapes-{shard:06d}.tar"
+                # The context manager closes the writer even on errors; an unclosed
+                # TarWriter leaves the shard without its end-of-archive blocks.
+                with wds.TarWriter(str(tmp / name), mtime=_TAR_MTIME) as sink:
+                    for index in range(start, min(start + shard_size, samples)):
+                        sample = make_sample(_sample_rng(seed, index), image_size)
+                        captions.append(sample["txt"])
+                        sink.write({"__key__": f"{seed:04d}-{index:08d}", **sample})
+                        bar.update(1)
+                names.append(name)
+
+        train_tokenizer(captions).save(str(tmp / "tokenizer.json"))
+        info = {
+            "samples": samples,
+            "shards": names,
+            "seed": seed,
+            "image_size": image_size,
+            "colors": list(COLORS),
+            "shapes": list(SHAPES),
+            "sizes": list(SIZES),
+            "relations": list(RELATIONS),
+            "feature_dim": FEATURE_DIM,
+            "num_classes": NUM_CLASSES,
+            "shard_size": shard_size,
+        }
+        (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+
+        if out.exists():
+            # os.replace cannot replace a non-empty directory: move the old one aside first.
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [str(out / n) for n in names]

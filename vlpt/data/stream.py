@@ -1,0 +1,187 @@
+"""The training stream of one task: shards -> clean samples -> task views -> batches.
+
+Everything happens inside the ``IterableDataset`` so each data-loader worker of
+each rank reads its own part of the stream:
+
+1. shards of each source are reshuffled every epoch with a seed shared by all
+   ranks, then split by (rank, worker) slot — by shard when there are enough
+   shards, else by sample index, so no slot is ever left empty;
+2. sources are interleaved by weight (UNITER mixes COCO/VG/CC/SBU this way);
+3. samples are decoded safely, tokenized, filtered (bad ones counted by reason);
+4. a shuffle buffer, then the task's objectives ``prepare`` each sample;
+5. token-budget (or fixed-size) batching, then collation.
+
+The stream is endless (epochs repeat), so every rank can run exactly
+``train.steps`` updates, whatever the shard sizes.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .batching import bucket_batches
+from .collate import Collator
+from .samples import BadSample, DecodeSettings, decode_sample, modalities, sample_length
+
+log = logging.getLogger("vlpt.data")
+
+
+@dataclass
+class Source:
+    urls: list[str]
+    weight: float = 1.0
+
+
+def read_tar_samples(url: str, on_error: Callable[[str], None]) -> Iterator[dict]:
+    """Raw samples (bytes per extension) of one shard; a broken shard ends early and is counted."""
+    import webdataset as wds
+
+    def handler(exn):
+        on_error("bad_tar")
+        return True  # skip and continue
+
+    stream = wds.tarfile_to_samples(handler=handler)(iter([{"url": url}]))
+    yield from stream
+
+
+class RateLimitedWarner:
+    """At most one warning per reason per ``interval`` seconds."""
+
+    def __init__(self, interval: float = 60.0):
+        self.interval = interval
+        self.last: dict[str, float] = {}
+
+    def __call__(self, reason: str, detail: str) -> None:
+        now = time.monotonic()
+        if now - self.last.get(reason, -1e9) >= self.interval:
+            self.last[reason] = now
+            log.warning("skipping bad sample (%s): %s", reason, detail)
+
+
+class TaskStream(IterableDataset):
+    """Endless batches for one task, split across ranks and workers inside the stream."""
+
+    def __init__(
+        self,
+        sources: list[Source],
+        tokenizer,
+        decode: DecodeSettings,
+        prepare: Callable[[dict, np.random.Generator, list[dict] | None], dict],
+        needs: set[str],
+        collator: Collator,
+        *,
+        batch_tokens: int | None,
+        batch_size: int | None,
+        bucket_size: int = 8192,
+        size_multiple: int = 8,
+        shuffle_buffer: int = 1000,
+        pool_size: int = 0,
+        seed: int = 0,
+        stream_id: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        super().__init__()
+        self.sources = sources
+        self.tokenizer = tokenizer
+        self.decode = decode
+        self.prepare = prepare
+        self.needs = set(needs)
+        self.collator = collator
+        self.batch_tokens, self.batch_size = batch_tokens, batch_size
+        self.bucket_size, self.size_multiple = bucket_size, size_multiple
+        self.shuffle_buffer, self.pool_size = shuffle_buffer, pool_size
+        self.seed, self.stream_id = seed, stream_id
+        self.rank, self.world_size = rank, world_size
+        self.skipped: Counter = Counter()
+        self.warn = RateLimitedWarner()
+
+    # -- stages ----------------------------------------------------------------------
+    def _slot(self) -> tuple[int, int]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.rank * nw + wid, self.world_size * nw
+
+    def _source_samples(self, index: int, source: Source, slot: int, slots: int) -> Iterator[dict]:
+        epoch = 0
+        while True:
+            order = np.random.default_rng([self.seed, index, epoch]).permutation(len(source.urls))
+            urls = [source.urls[i] for i in order]
+            by_shard = len(urls) >= slots
+            mine = urls[slot::slots] if by_shard else urls
+            seen = 0
+            n = 0
+            for url in mine:
+                for raw in read_tar_samples(url, self._count):
+                    n += 1
+                    if not by_shard and (n - 1) % slots != slot:
+                        continue
+                    try:
+                        sample = decode_sample(raw, self.tokenizer, self.decode)
+                    except BadSample as e:
+                        self._count(e.reason, str(e))
+                        continue
+                    if not self.needs <= modalities(sample):
+                        continue  # e.g. a caption-only sample offered to an image-text task
+                    seen += 1
+                    yield sample
+            if seen == 0:
+                raise RuntimeError(
+                    f"data source {index} gave no usable sample to rank {self.rank} (slot {slot}/{slots}) "
+                    f"in a whole pass over {len(urls)} shard(s); skipped so far: {dict(self.skipped)}"
+                )
+            epoch += 1
+
+    def _count(self, reason: str, detail: str = "") -> None:
+        self.skipped[reason] += 1
+        self.warn(reason, detail or reason)
+
+    def _mixed(self, rng: np.random.Generator, slot: int, slots: int) -> Iterator[dict]:
+        streams = [self._source_samples(i, s, slot, slots) for i, s in enumerate(self.sources)]
+        if len(streams) == 1:
+            yield from streams[0]
+            return
+        p = np.array([s.weight for s in self.sources], dtype=np.float64)
+        p = p / p.sum()
+        while True:
+            yield next(streams[rng.choice(len(streams), p=p)])
+
+    def _shuffled(self, samples: Iterator[dict], rng: np.random.Generator) -> Iterator[dict]:
+        buf: list[dict] = []
+        for s in samples:
+            if len(buf) < self.shuffle_buffer:
+                buf.append(s)
+                continue
+            j = rng.integers(len(buf))
+            buf[j], s = s, buf[j]
+            yield s
+
+    def _views(self, samples: Iterator[dict], rng: np.random.Generator) -> Iterator[dict]:
+        pool: deque[dict] | None = deque(maxlen=self.pool_size) if self.pool_size else None
+        for s in samples:
+            if pool is not None:
+                pool.append(s)
+                if len(pool) < min(8, self.pool_size):
+                    continue  # let a few samples in before drawing negatives from the pool
+            yield self.prepare(dict(s), rng, pool)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        slot, slots = self._slot()
+        rng = np.random.default_rng([self.seed, self.stream_id, slot])
+        torch.set_num_threads(1) if get_worker_info() is not None else None
+        views = self._views(self._shuffled(self._mixed(rng, slot, slots), rng), rng)
+        reported: Counter = Counter()
+        for group in bucket_batches(
+            views, sample_length, rng, self.batch_tokens, self.batch_size, self.bucket_size, self.size_multiple
+        ):
+            batch = self.collator(group)
+            batch["data_skipped"] = dict(self.skipped - reported)
+            reported = Counter(self.skipped)
+            yield batch

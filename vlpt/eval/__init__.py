@@ -1,0 +1,71 @@
+"""Held-out evaluation: each objective reports its own metrics on clean validation samples."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ..data.collate import Collator, move_to
+from ..data.samples import BadSample, DecodeSettings, decode_sample
+from ..data.stream import read_tar_samples
+from ..objective import EncoderOutput
+
+
+def load_samples(urls: list[str], tokenizer, settings: DecodeSettings, limit: int) -> list[dict]:
+    """The first ``limit`` usable samples of ``urls``, in order (bad ones skipped)."""
+    out: list[dict] = []
+    for url in urls:
+        for raw in read_tar_samples(url, lambda reason, detail="": None):
+            try:
+                out.append(decode_sample(raw, tokenizer, settings))
+            except BadSample:
+                continue
+            if len(out) >= limit:
+                return out
+    return out
+
+
+class EvalData:
+    """Validation samples plus the helpers an objective's ``evaluate`` needs."""
+
+    def __init__(
+        self,
+        samples: list[dict],
+        collator: Collator,
+        device: torch.device,
+        batch_size: int = 256,
+        retrieval_candidates: int = 100,
+        autocast: Callable[[], Any] = contextlib.nullcontext,
+    ):
+        self.samples = samples
+        self.collator = collator
+        self.device = device
+        self.batch_size = batch_size
+        self.retrieval_candidates = retrieval_candidates
+        self.autocast = autocast
+
+    def batches(self, views: list[dict], batch_size: int | None = None) -> Iterator[dict]:
+        """Collated batches of ``views`` on the device, in order."""
+        bs = batch_size or self.batch_size
+        for i in range(0, len(views), bs):
+            yield move_to(self.collator(views[i : i + bs]), self.device)
+
+    @torch.no_grad()
+    def encode(self, model, batch: dict) -> EncoderOutput:
+        with self.autocast():
+            return model(batch)
+
+
+@torch.no_grad()
+def evaluate(pretrain_model, data: EvalData) -> dict[str, float]:
+    """Every objective's ``evaluate``, merged into one flat dict (eval mode, restored after)."""
+    was_training = pretrain_model.training
+    pretrain_model.eval()
+    metrics: dict[str, float] = {}
+    try:
+        for obj in pretrain_model.objectives.values():
+            metrics.update(obj.evaluate(pretrain_model.vl, data))
+    finally:
+        pretrain_model.train(was_training)
+    return metrics

@@ -1,0 +1,481 @@
+"""Recipes: one YAML file says everything about a run.
+
+Loading order (later wins): the dataclass defaults below < the ``extends:`` chain
+< the recipe file < dotted command-line overrides (``train.lr=1e-4``).
+Validation happens here, before any heavy work: an unknown key, a wrong type,
+an unknown objective or a missing file raises :class:`~vlpt.errors.RecipeError`
+with one line naming the key (and the closest valid key for typos).
+
+The top-level keys are a contract (see the README); keys inside each section are
+documented on their dataclass.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import glob
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .errors import RecipeError, did_you_mean
+
+# --------------------------------------------------------------------------------------
+# schema
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class BackboneConfig:
+    """A timm image backbone whose feature map becomes grid regions (ViLT / Pixel-BERT style)."""
+
+    name: str = "resnet18"  # any timm model name
+    pretrained: Optional[str] = None  # a local weights file; or "hub" to download (online only)
+    frozen: bool = True  # freeze the backbone's weights
+    image_size: int = 224  # images are resized to this square size
+
+
+@dataclass
+class ModelConfig:
+    """Sizes of the shared trunk and its embedders (BERT names in comments)."""
+
+    hidden_size: int = 768
+    layers: int = 12  # num_hidden_layers
+    heads: int = 12  # num_attention_heads
+    ffn_size: int = 3072  # intermediate_size
+    dropout: float = 0.1  # hidden and attention dropout
+    max_positions: int = 512  # max_position_embeddings
+    region_feature_dim: int = 2048  # D of regions.npz features (ignored with image_backbone)
+    vocab_size: Optional[int] = None  # None: the tokenizer's size
+    init_from: Optional[str] = None  # a local Hugging Face BERT checkpoint folder (its sizes win)
+    tokenizer: Optional[str] = None  # tokenizer.json / HF folder; None: tokenizer.json beside the train shards
+    image_backbone: Optional[BackboneConfig] = None
+
+
+@dataclass
+class ShapesConfig:
+    """The built-in synthetic shapes data, generated on first use into the cache folder."""
+
+    samples: int = 20000
+    seed: int = 0
+    image_size: int = 64
+
+
+@dataclass
+class SourceConfig:
+    """One data source: webdataset shards (brace patterns allowed) or generated shapes."""
+
+    shards: Optional[str] = None
+    shapes: Optional[ShapesConfig] = None
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    train: list[SourceConfig] = field(default_factory=list)
+    val: Optional[SourceConfig] = None
+    batch_tokens: Optional[int] = None  # token budget per micro-batch (UNITER); or:
+    batch_size: Optional[int] = None  # a fixed number of samples per micro-batch
+    bucket_size: int = 8192  # samples sorted together by length for token batching
+    size_multiple: int = 8  # batch sizes are multiples of this (token batching)
+    max_text_len: int = 60  # longer captions are dropped, not truncated (UNITER)
+    max_regions: int = 100  # regions beyond this are dropped (highest confidence kept)
+    num_workers: int = 1  # data-loader workers per task
+    shuffle_buffer: int = 1000  # samples in the shuffle buffer
+    cache_dir: Optional[str] = None  # where generated data goes; default $VLPT_CACHE or ~/.cache/vlpt
+
+
+@dataclass
+class TaskConfig:
+    """A unit the trainer mixes: one prepared batch, one forward, weighted objectives."""
+
+    weight: float = 1.0
+    objectives: dict[str, Any] = field(default_factory=dict)  # name: weight, or name: {weight: w, option: value}
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer updates
+    lr: float = 5e-5
+    warmup: int = 0  # steps of linear warmup
+    schedule: Literal["linear", "cosine", "constant"] = "linear"  # after warmup
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    weight_decay: float = 0.01  # not on biases and LayerNorm weights
+    accumulate: int = 1  # micro-batches per update
+    clip: Optional[float] = 5.0  # gradient-norm clip; null for none
+    precision: Literal["no", "bf16", "fp16"] = "no"
+    threads: Optional[int] = None  # torch CPU threads; None: torch's default
+
+
+@dataclass
+class EvalConfig:
+    every: Optional[int] = None  # evaluate every N steps (and always at the end)
+    samples: int = 1000  # validation samples used
+    retrieval_candidates: int = 100  # images/captions ranked per query
+    batch_size: int = 256
+    at_end: bool = True
+
+
+@dataclass
+class LogConfig:
+    every: int = 10  # metrics.jsonl line every N steps
+    progress: bool = True  # progress bar
+
+
+@dataclass
+class CheckpointConfig:
+    every: Optional[int] = None  # save every N steps (and at the end)
+    keep: int = 3  # newest checkpoints kept
+    at_end: bool = True
+
+
+@dataclass
+class Recipe:
+    seed: int = 42
+    output_dir: str = "runs/default"
+    plugins: list[str] = field(default_factory=list)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tasks: dict[str, TaskConfig] = field(default_factory=dict)
+    mixing: Literal["sample", "sum"] = "sample"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    #: where the recipe was read from (not a recipe key)
+    source: Optional[str] = field(default=None, metadata={"internal": True})
+
+
+# --------------------------------------------------------------------------------------
+# typed conversion with key paths in errors
+# --------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None)) + " or null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
+
+
+def convert(tp: Any, value: Any, path: str) -> Any:
+    """Convert a YAML value to the annotated type ``tp``; errors name ``path``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return convert(a, value, path)
+            except RecipeError as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        raise RecipeError(f"recipe key '{path}' must be {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise RecipeError(
+                f"recipe key '{path}' must be {_type_name(tp)}, got {value!r}"
+                + did_you_mean(value, [str(a) for a in typing.get_args(tp)])
+            )
+        return value
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise RecipeError(f"recipe key '{path}' must be a mapping, got {value!r}")
+        return from_dict(tp, value, path)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"recipe key '{path}' must be {_type_name(tp)}, got {value!r}")
+        return [convert(item, v, f"{path}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        _, item = typing.get_args(tp)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise RecipeError(f"recipe key '{path}' must be a mapping, got {value!r}")
+        return {str(k): convert(item, v, f"{path}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        return value
+    raise RecipeError(f"recipe key '{path}' must be {_type_name(tp)}, got {value!r}")
+
+
+def from_dict(cls: type, data: dict, path: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys raise with did-you-mean."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+    kwargs = {}
+    for key, value in data.items():
+        key_path = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            raise RecipeError(f"unknown recipe key '{key_path}'{_suggest(path, key, names)}")
+        kwargs[key] = convert(hints[key], value, key_path)
+    return cls(**kwargs)
+
+
+def _suggest(path: str, key: str, names: list[str]) -> str:
+    hint = did_you_mean(key, names)
+    if hint and path:
+        hint = hint.replace("'", f"'{path}.", 1)
+    return hint or f"; valid keys here: {', '.join(names)}"
+
+
+def to_dict(obj: Any) -> Any:
+    """The plain-YAML form of a recipe (for ``recipe.yaml`` in the run folder)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not f.metadata.get("internal")}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------------------
+# loading: extends + overrides
+# --------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise RecipeError(f"recipe file '{path}' not found")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"recipe file '{path}'{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe file '{path}' must hold a mapping at the top level")
+    return data
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """Merge ``over`` into a copy of ``base``: mappings merge, everything else replaces."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_raw(path: str | Path, _seen: tuple = ()) -> dict:
+    """Read a recipe file with its ``extends:`` chain resolved (relative to the file)."""
+    path = Path(path)
+    if path.resolve() in _seen:
+        raise RecipeError(f"recipe '{path}' extends itself (cycle: {' -> '.join(str(p) for p in _seen)})")
+    data = _read_yaml(path)
+    parents = data.pop("extends", None)
+    if parents is None:
+        return data
+    if isinstance(parents, str):
+        parents = [parents]
+    merged: dict = {}
+    for parent in parents:
+        parent_path = (path.parent / parent) if not Path(parent).is_absolute() else Path(parent)
+        if not parent_path.is_file():
+            raise RecipeError(f"recipe key 'extends': file '{parent}' not found (looked in {path.parent})")
+        merged = deep_merge(merged, load_raw(parent_path, _seen + (path.resolve(),)))
+    return deep_merge(merged, data)
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Apply one ``a.b.c=value`` override (value parsed as YAML) in place."""
+    if "=" not in override:
+        raise RecipeError(f"override '{override}' must look like key.path=value")
+    key, _, text = override.partition("=")
+    key = key.strip()
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            try:
+                node = node[int(part)]
+            except (ValueError, IndexError):
+                raise RecipeError(f"override '{key}': '{'.'.join(parts[: i + 1])}' is not an index of the list") from None
+            continue
+        if not isinstance(node.get(part), (dict, list)):
+            node[part] = {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        try:
+            node[int(last)] = value
+        except (ValueError, IndexError):
+            raise RecipeError(f"override '{key}': '{last}' is not an index of the list") from None
+    else:
+        node[last] = value
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
+    """Load, merge, override and type-check a recipe (files and objectives are checked by :func:`validate`)."""
+    raw = load_raw(path)
+    for o in overrides:
+        apply_override(raw, o)
+    recipe = from_dict(Recipe, raw)
+    recipe.source = str(path)
+    return recipe
+
+
+# --------------------------------------------------------------------------------------
+# semantic validation (objectives, files)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ObjectiveSpec:
+    """One objective inside a task, resolved against the registry."""
+
+    name: str
+    cls: type
+    weight: float
+    options: Any
+
+
+@dataclass
+class TaskSpec:
+    name: str
+    weight: float
+    objectives: list[ObjectiveSpec]
+
+    @property
+    def needs(self) -> set[str]:
+        out: set[str] = set()
+        for o in self.objectives:
+            out |= set(o.cls.needs)
+        return out
+
+
+def resolve_tasks(recipe: Recipe) -> list[TaskSpec]:
+    """Load plugins, look up each task's objectives and type-check their options."""
+    from .registry import get_objective, load_plugin
+
+    base = Path(recipe.source).parent if recipe.source else None
+    for spec in recipe.plugins:
+        load_plugin(spec, base)
+    if not recipe.tasks:
+        raise RecipeError("recipe key 'tasks' is empty: name at least one task with objectives")
+    out = []
+    for tname, task in recipe.tasks.items():
+        if not task.objectives:
+            raise RecipeError(f"recipe key 'tasks.{tname}.objectives' is empty")
+        if task.weight < 0:
+            raise RecipeError(f"recipe key 'tasks.{tname}.weight' must be >= 0, got {task.weight}")
+        objs = []
+        for oname, value in task.objectives.items():
+            path = f"tasks.{tname}.objectives.{oname}"
+            try:
+                cls = get_objective(oname)
+            except RecipeError:
+                raise
+            except Exception as e:
+                raise RecipeError(f"recipe key '{path}': {e}") from None
+            if isinstance(value, dict):
+                value = dict(value)
+                weight = convert(float, value.pop("weight", 1.0), f"{path}.weight")
+                options = from_dict(cls.Options, value, path)
+            else:
+                weight = convert(float, value, path)
+                options = cls.Options()
+            objs.append(ObjectiveSpec(oname, cls, weight, options))
+        out.append(TaskSpec(tname, task.weight, objs))
+    if sum(t.weight for t in out) <= 0:
+        raise RecipeError("recipe key 'tasks': every task has weight 0")
+    return out
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Brace-expand a shard pattern (``data-{000..009}.tar``) into a list of URLs."""
+    import braceexpand
+
+    urls = []
+    for part in pattern.split("::"):
+        urls.extend(braceexpand.braceexpand(part))
+    return urls
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def check_files(recipe: Recipe) -> None:
+    """Every local file the recipe names must exist (shards, checkpoint folder, tokenizer)."""
+    m = recipe.model
+    if m.init_from is not None and not Path(m.init_from).expanduser().is_dir():
+        raise RecipeError(f"recipe key 'model.init_from': folder '{m.init_from}' not found")
+    if m.init_from is not None and not (Path(m.init_from).expanduser() / "config.json").is_file():
+        raise RecipeError(f"recipe key 'model.init_from': '{m.init_from}' has no config.json (not a BERT checkpoint folder)")
+    if m.tokenizer is not None and not Path(m.tokenizer).expanduser().exists():
+        raise RecipeError(f"recipe key 'model.tokenizer': '{m.tokenizer}' not found")
+    if m.tokenizer is None and m.init_from is None and not recipe.data.train:
+        raise RecipeError("recipe key 'model.tokenizer' is not set and there is no train source to find one beside")
+    if not recipe.data.train:
+        raise RecipeError("recipe key 'data.train' is empty: name at least one source")
+    if (recipe.data.batch_tokens is None) == (recipe.data.batch_size is None):
+        raise RecipeError("recipe keys 'data.batch_tokens' and 'data.batch_size': set exactly one of them")
+    sources = [(f"data.train.{i}", s) for i, s in enumerate(recipe.data.train)]
+    if recipe.data.val is not None:
+        sources.append(("data.val", recipe.data.val))
+    for path, src in sources:
+        if (src.shards is None) == (src.shapes is None):
+            raise RecipeError(f"recipe key '{path}': set exactly one of 'shards' and 'shapes'")
+        if src.weight < 0:
+            raise RecipeError(f"recipe key '{path}.weight' must be >= 0")
+        if src.shards is not None:
+            pattern = os.path.expanduser(src.shards)
+            urls = expand_shards(pattern)
+            local = [u for u in urls if _is_local(u)]
+            missing = [u for u in local if not glob.has_magic(u) and not Path(u).is_file()]
+            if missing:
+                more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+                raise RecipeError(f"recipe key '{path}.shards': shard '{missing[0]}'{more} not found (pattern '{src.shards}')")

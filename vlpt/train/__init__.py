@@ -1,0 +1,1 @@
+"""Training: the Accelerate loop, task mixing, optimizer and schedule, checkpoints, logging."""

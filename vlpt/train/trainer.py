@@ -1,0 +1,282 @@
+"""The training loop on Accelerate.
+
+Accelerate owns devices, processes, mixed precision and the gradient scaler. The
+data loaders are *not* passed to ``accelerator.prepare``: each rank's stream is
+already split inside the pipeline (``vlpt.data.stream``), and preparing a
+webdataset loader would either read everything on rank 0 or split twice.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ..build import Built, build_model, data_loader, eval_collator, decode_settings, task_streams, validate
+from ..data.collate import move_to
+from ..data.sources import resolve_sources
+from ..errors import UserError
+from ..eval import EvalData, evaluate, load_samples
+from ..recipe import Recipe, to_dict
+from .checkpoint import checkpoint_dirs, load_model_weights, load_trainer_state, read_state, save_checkpoint, step_of
+from .mixing import TaskMixer
+from .optim import build_optimizer, build_scheduler
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per logged step (main process only)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path = path
+        self.enabled = enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def make_accelerator(recipe: Recipe):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    precision = recipe.train.precision
+    if precision == "fp16" and not torch.cuda.is_available():
+        print("vlpt: train.precision=fp16 needs a GPU; on CPU accelerate runs fp32 (use bf16 on CPU)", file=sys.stderr)
+    # With task sampling, each update uses only its task's heads: DDP must expect unused parameters.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=len(recipe.tasks) > 1 or recipe.mixing == "sample")
+    return Accelerator(mixed_precision=precision, kwargs_handlers=[ddp])
+
+
+def _batch_size(batch: dict) -> int:
+    for k in ("input_ids", "features", "image"):
+        if torch.is_tensor(batch.get(k)):
+            return int(batch[k].shape[0])
+    return 0
+
+
+def _tokens(batch: dict) -> tuple[int, int]:
+    """(real tokens, padded tokens) of a batch."""
+    real = padded = 0
+    for m in ("text_mask", "region_mask"):
+        if torch.is_tensor(batch.get(m)):
+            real += int(batch[m].sum())
+            padded += batch[m].numel()
+    return real, padded
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, resume: bool = True, force: bool = False):
+        self.recipe = recipe
+        if recipe.train.threads:
+            torch.set_num_threads(recipe.train.threads)
+        self.out = Path(recipe.output_dir)
+        tasks = validate(recipe)  # cheap checks before anything heavy
+        self._check_output_dir(resume, force)
+        self.accelerator = make_accelerator(recipe)
+        acc = self.accelerator
+        from accelerate.utils import set_seed
+
+        set_seed(recipe.seed)  # same initial weights on every rank
+        progress = recipe.log.progress and acc.is_main_process
+        with acc.main_process_first():
+            self.sources, self.val_source = resolve_sources(recipe, progress=progress, quiet=not acc.is_main_process)
+        self.built: Built = build_model(recipe, tasks)
+        model = self.built.model
+        self.optimizer = build_optimizer(model, recipe.train)
+        self.scheduler = build_scheduler(self.optimizer, recipe.train)
+        self.start_step = 0
+        self.resumed_from = None
+        ckpts = checkpoint_dirs(self.out) if resume else []
+        if ckpts:
+            self._resume(ckpts[-1])
+        self.model, self.optimizer = acc.prepare(model, self.optimizer)
+        self.mixer = TaskMixer([t.name for t in tasks], [t.weight for t in tasks], recipe.mixing, recipe.seed)
+        streams = task_streams(self.built, self.sources, acc.process_index, acc.num_processes)
+        self.loaders = {name: data_loader(s, recipe.data.num_workers) for name, s in streams.items()}
+        self.iters: dict[str, Any] = {}
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", acc.is_main_process)
+        self.skipped: Counter = Counter()
+        self._eval_data = None
+
+    # -- set-up ------------------------------------------------------------------------
+    def _check_output_dir(self, resume: bool, force: bool) -> None:
+        has_ckpt = bool(checkpoint_dirs(self.out))
+        if not resume and has_ckpt and not force:
+            raise UserError(f"output_dir '{self.out}' already holds checkpoints; use --force to start over there "
+                            "(or drop --no-resume to continue the run)")
+        if not resume and force and self.out.exists():
+            import shutil
+
+            if int(os.environ.get("RANK", "0")) == 0:
+                for name in ("checkpoints", "metrics.jsonl", "eval.json"):
+                    p = self.out / name
+                    shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+    def _resume(self, ckpt: Path) -> None:
+        load_model_weights(self.built.model, ckpt)
+        state = load_trainer_state(ckpt)
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            if state.get("scheduler"):
+                self.scheduler.load_state_dict(state["scheduler"])
+        self.start_step = read_state(ckpt)["step"]
+        self.resumed_from = ckpt
+
+    def _next_batch(self, task: str) -> dict:
+        if task not in self.iters:
+            self.iters[task] = iter(self.loaders[task])
+        batch = next(self.iters[task])
+        self.skipped.update(batch.pop("data_skipped", {}) or {})
+        return move_to(batch, self.accelerator.device)
+
+    # -- one update --------------------------------------------------------------------
+    def train_step(self, step: int) -> dict[str, Any]:
+        acc, model, cfg = self.accelerator, self.model, self.recipe.train
+        record: dict[str, Any] = {}
+        samples = real_tokens = padded_tokens = 0
+        tasks = self.mixer.tasks_for(step)
+        n_micro = len(tasks) * cfg.accumulate
+        micro = 0
+        total_loss = 0.0
+        for task in tasks:
+            task_loss = 0.0
+            for _ in range(cfg.accumulate):
+                batch = self._next_batch(task)
+                micro += 1
+                sync = contextlib.nullcontext() if micro == n_micro else acc.no_sync(model)
+                with sync, acc.autocast():
+                    loss, metrics = model(task, batch)
+                    scaled = loss * (self.mixer.loss_scale(task) / cfg.accumulate)
+                acc.backward(scaled)
+                task_loss += float(loss.detach()) / cfg.accumulate
+                for k, v in metrics.items():
+                    record[k] = record.get(k, 0.0) + v / cfg.accumulate
+                samples += _batch_size(batch)
+                r, p = _tokens(batch)
+                real_tokens += r
+                padded_tokens += p
+            record[f"loss/{task}"] = task_loss
+            total_loss += task_loss * self.mixer.loss_scale(task)
+        if cfg.clip:
+            record["grad_norm"] = float(acc.clip_grad_norm_(model.parameters(), cfg.clip))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        record.update(task=tasks[0] if len(tasks) == 1 else "+".join(tasks), loss=total_loss,
+                      samples=samples, tokens=real_tokens, padded_tokens=padded_tokens)
+        return record
+
+    # -- evaluation ---------------------------------------------------------------------
+    def eval_data(self) -> EvalData | None:
+        if self.val_source is None:
+            return None
+        if self._eval_data is None:
+            e = self.recipe.eval
+            samples = load_samples(self.val_source.urls, self.built.tokenizer,
+                                   decode_settings(self.recipe, self.built.model), e.samples)
+            self._eval_data = EvalData(samples, eval_collator(self.built), self.accelerator.device, e.batch_size,
+                                       e.retrieval_candidates, self.accelerator.autocast)
+        return self._eval_data
+
+    def run_eval(self, step: int) -> dict[str, float] | None:
+        acc = self.accelerator
+        result = None
+        if acc.is_main_process and self.eval_data() is not None:
+            result = {"step": step, **evaluate(acc.unwrap_model(self.model), self.eval_data())}
+            (self.out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+            self.metrics.write({"step": step, "time": time.time(), **{f"eval/{k}": v for k, v in result.items() if k != "step"}})
+        acc.wait_for_everyone()
+        return result
+
+    def save(self, step: int) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            save_checkpoint(self.out, step, acc.unwrap_model(self.model), self.optimizer, self.scheduler,
+                            keep=self.recipe.checkpoint.keep)
+        acc.wait_for_everyone()
+
+    # -- the loop -----------------------------------------------------------------------
+    def fit(self) -> dict[str, float] | None:
+        r, acc = self.recipe, self.accelerator
+        steps = r.train.steps
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / "recipe.yaml", "w") as f:
+                yaml.safe_dump(to_dict(r), f, sort_keys=False)
+            where = f"resuming from {self.resumed_from}" if self.resumed_from else "starting"
+            n = acc.unwrap_model(self.model).vl.num_parameters()
+            print(f"vlpt: {where}: {steps} steps, tasks {', '.join(r.tasks)} ({r.mixing}), "
+                  f"{n / 1e6:.1f}M parameters, {acc.num_processes} process(es) on {acc.device}, output in {self.out}",
+                  file=sys.stderr)
+        self.model.train()
+        bar = None
+        if r.log.progress and acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps, initial=self.start_step, desc="train", unit="step", dynamic_ncols=True)
+        ema: dict[str, float] = {}
+        t_last, samples_since, tokens_since = time.time(), 0, 0
+        t_start, samples_total = time.time(), 0
+        result = None
+        last_saved = self.start_step if self.resumed_from else None
+        for step in range(self.start_step, steps):
+            rec = self.train_step(step)
+            samples_since += rec["samples"] * acc.num_processes
+            samples_total += rec["samples"] * acc.num_processes
+            tokens_since += rec["tokens"] * acc.num_processes
+            for k, v in rec.items():
+                if k.startswith("loss/"):
+                    ema[k[5:]] = v if k[5:] not in ema else 0.95 * ema[k[5:]] + 0.05 * v
+            done = step + 1
+            if bar is not None:
+                bar.update(1)
+                rate = samples_total / max(time.time() - t_start, 1e-9)
+                bar.set_postfix_str(" ".join(f"{t}={v:.3f}" for t, v in ema.items()) + f" {rate:.0f} samples/s")
+            if done % r.log.every == 0 or done == steps:
+                now = time.time()
+                dt = max(now - t_last, 1e-9)
+                rec.update(step=done, lr=self.scheduler.get_last_lr()[0], samples_per_s=samples_since / dt,
+                           tokens_per_s=tokens_since / dt, time=now,
+                           padding=1 - rec["tokens"] / max(rec["padded_tokens"], 1))
+                rec.update({f"data/skipped/{k}": v for k, v in self.skipped.items()})
+                self.metrics.write({k: rec[k] for k in ("step", "task", "loss", "lr", "samples_per_s")} |
+                                   {k: v for k, v in rec.items() if k not in ("step", "task", "loss", "lr", "samples_per_s")})
+                t_last, samples_since, tokens_since = now, 0, 0
+            if r.eval.every and done % r.eval.every == 0 and done != steps:
+                self.run_eval(done)
+                self.model.train()
+            if r.checkpoint.every and done % r.checkpoint.every == 0 and done != steps:
+                self.save(done)
+                last_saved = done
+        if bar is not None:
+            bar.close()
+        if r.checkpoint.at_end and last_saved != steps:
+            self.save(steps)
+        if r.eval.at_end:
+            result = self.run_eval(steps)
+        if acc.is_main_process:
+            ckpt = checkpoint_dirs(self.out)
+            print(f"vlpt: done. outputs in {self.out}/ (recipe.yaml, metrics.jsonl, eval.json"
+                  + (f", {ckpt[-1].relative_to(self.out)}/" if ckpt else "") + ")", file=sys.stderr)
+            if result:
+                shown = {k: round(v, 3) for k, v in result.items() if k != "step"}
+                print("vlpt: eval " + json.dumps(shown), file=sys.stderr)
+            print(f"vlpt: evaluate again: vlpt eval {self.out}\n"
+                  f"vlpt: train further:  vlpt train {r.source or 'RECIPE'} output_dir={self.out} train.steps=N "
+                  f"(resumes from the latest checkpoint)", file=sys.stderr)
+        acc.end_training()
+        return result
+
+
+def train(recipe: Recipe, resume: bool = True, force: bool = False) -> dict[str, float] | None:
+    return Trainer(recipe, resume=resume, force=force).fit()
