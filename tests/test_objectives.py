@@ -30,7 +30,7 @@ def _samples(rng, n=12, dim=16):
             "word_ids": [-1, *range(t), -1],
             "features": rng.normal(size=(k, dim)).astype(np.float32),
             "boxes": np.sort(rng.random((k, 4)).astype(np.float32), axis=1)[:, [0, 1, 2, 3]],
-            "soft_labels": rng.dirichlet(np.ones(9), size=k).astype(np.float32),
+            "soft_labels": rng.dirichlet(np.ones(1601), size=k).astype(np.float32),  # UNITER's 1601 classes
         })
     return out
 
@@ -41,7 +41,9 @@ def test_objective_trains(name):
     cls = registered_objectives()[name]
     vl = VLModel(ModelConfig(hidden_size=32, layers=2, heads=2, ffn_size=64, max_positions=32, vocab_size=40,
                              region_feature_dim=16, dropout=0.0))
-    task = TaskSpec(name, 1.0, [ObjectiveSpec(name, cls, 1.0, cls.Options())])
+    reg = registered_objectives()
+    specs = [ObjectiveSpec(r, reg[r], 1.0, reg[r].Options()) for r in cls.requires]  # companions first
+    task = TaskSpec(name, 1.0, [*specs, ObjectiveSpec(name, cls, 1.0, cls.Options())])
     model = PretrainModel(vl, [task], FakeTokenizer())
     pipe = task_pipeline(model, task)
     rng = np.random.default_rng(0)

@@ -76,6 +76,8 @@ class Objective(nn.Module):
     #: ``True`` if ``prepare`` needs other samples (e.g. to draw negatives):
     #: the pipeline then passes a ``pool`` of recent clean samples.
     wants_pool: ClassVar[bool] = False
+    #: objectives that must share this one's task (e.g. ``wra`` reads ``itm``'s labels)
+    requires: ClassVar[tuple[str, ...]] = ()
     #: padding value per batch field this objective adds (default 0)
     pad_values: ClassVar[dict[str, Any]] = {}
 

@@ -428,6 +428,14 @@ def resolve_tasks(recipe: Recipe) -> list[TaskSpec]:
                 weight = convert(float, value, path)
                 options = cls.Options()
             objs.append(ObjectiveSpec(oname, cls, weight, options))
+        names = {o.name for o in objs}
+        for o in objs:
+            missing = [r for r in o.cls.requires if r not in names]
+            if missing:
+                raise RecipeError(
+                    f"recipe key 'tasks.{tname}.objectives': '{o.name}' needs {missing} in the same task "
+                    f"(e.g. tasks.{tname}.objectives: {{{', '.join([*missing, o.name])}}})"
+                )
         out.append(TaskSpec(tname, task.weight, objs))
     if sum(t.weight for t in out) <= 0:
         raise RecipeError("recipe key 'tasks': every task has weight 0")

@@ -52,3 +52,19 @@ def mask_regions(num_regions: int, rng: np.random.Generator, prob: float = 0.15)
     if num_regions and not sel.any():
         sel[rng.integers(num_regions)] = True
     return sel
+
+
+def mask_sample_regions(sample: dict, rng, prob: float) -> dict:
+    """Zero the features of randomly selected regions; keep the originals for targets.
+
+    Shared by every masked-region objective: a sample already masked by another
+    objective of the same task (joint masking) keeps its first mask.
+    """
+    if "region_masked" not in sample:
+        sel = mask_regions(len(sample["features"]), rng, prob)
+        sample["region_targets"] = sample["features"]
+        features = sample["features"].copy()
+        features[sel] = 0.0
+        sample["features"] = features
+        sample["region_masked"] = sel
+    return sample

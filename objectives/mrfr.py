@@ -1,0 +1,70 @@
+"""Masked region feature regression (UNITER's MRFR), conditional: the caption stays intact.
+
+Each region is masked with p = 0.15 (at least one per image): its feature is
+zeroed on the data side and the region embedder adds the learned mask vector.
+Boxes are kept (UNITER does not mask locations) and there is no 80/10/10.
+The model regresses the original feature of every masked region from the rest of
+the image and the caption; MSE, mean over all masked elements of the batch.
+
+The head is UNITER's: dense, GELU, LayerNorm, then a linear map back to the
+feature space whose weight is the region projection W_f transposed (``tied``);
+``tied: false`` gives it a weight of its own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlpt import EncoderOutput, Objective, ObjectiveOutput, register_objective
+from vlpt.data.masking import mask_sample_regions
+
+
+@register_objective("mrfr")
+class MaskedRegionFeatureRegression(Objective):
+    needs = {"text", "image"}
+    pad_values = {"region_masked": False}
+
+    @dataclass
+    class Options:
+        prob: float = 0.15  # chance a region is masked
+        tied: bool = True  # output weight = region projection W_f transposed (UNITER)
+
+    def __init__(self, options: Options, model, tokenizer):
+        super().__init__(options, model, tokenizer)
+        H, D = model.config.hidden_size, model.feature_dim
+        self.transform = nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.LayerNorm(H, eps=1e-12))
+        self.bias = nn.Parameter(torch.zeros(D))
+        self.out = None if options.tied else nn.Linear(H, D, bias=False)
+
+    def prepare(self, sample, rng, pool=None):
+        return mask_sample_regions(sample, rng, self.options.prob)
+
+    def predict(self, hidden: torch.Tensor, model) -> torch.Tensor:  # (n, H) -> (n, D)
+        h = self.transform(hidden)
+        weight = model.region_embedder.feature_proj.weight.t() if self.out is None else self.out.weight  # (D, H)
+        return F.linear(h, weight, self.bias)
+
+    def forward(self, out: EncoderOutput, batch) -> ObjectiveOutput:
+        masked = batch["region_masked"]  # (B, K) bool
+        pred = self.predict(out.regions[masked], out.model)  # (n, D)
+        target = batch["region_targets"][masked].to(pred.dtype)
+        loss = F.mse_loss(pred.float(), target.float())
+        return ObjectiveOutput(loss, {"mse": loss.item()})
+
+    @torch.no_grad()
+    def evaluate(self, model, data) -> dict[str, float]:
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        views = [self.prepare(dict(s), rng) for s in data.samples if "features" in s]
+        total = count = 0.0
+        for batch in data.batches(views):
+            out = data.encode(model, batch)
+            masked = batch["region_masked"]
+            err = (self.predict(out.regions[masked], model).float() - batch["region_targets"][masked]) ** 2
+            total += float(err.sum())
+            count += err.numel()
+        return {"mrfr_mse": total / max(count, 1)}
