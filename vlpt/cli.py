@@ -29,11 +29,13 @@ def _dry_run(recipe) -> int:
     """Validate the recipe and build the model without touching data."""
     import copy
 
-    from .build import validate
     from .model import VLModel
     from .model.bert_io import apply_bert_config
 
-    tasks = validate(recipe)
+    from .recipe import check_files, resolve_tasks
+
+    check_files(recipe, data=False)  # a dry run needs no data
+    tasks = resolve_tasks(recipe)
     mcfg = copy.deepcopy(recipe.model)
     if mcfg.init_from:
         apply_bert_config(mcfg, mcfg.init_from)
@@ -45,7 +47,7 @@ def _dry_run(recipe) -> int:
             mcfg.vocab_size = TextTokenizer.from_path(default_tokenizer_path(recipe)).vocab_size
         except UserError:
             mcfg.vocab_size = 30522
-            print("vlpt: tokenizer not available yet; counting with BERT's vocabulary (30522)")
+            print("vlpt: note: tokenizer not available yet; counting with BERT's vocabulary (30522)")
     vl = VLModel(mcfg)
     print(f"recipe {recipe.source}: valid")
     print(f"tasks: " + ", ".join(f"{t.name} (weight {t.weight}: " + ", ".join(f"{o.name}×{o.weight}" for o in t.objectives) + ")" for t in tasks))
@@ -131,7 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # overrides may come before or after flags: `vlpt train r.yaml --force a.b=1 c=2`
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        bad = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args) or 0
     except UserError as e:

@@ -81,7 +81,7 @@ class DataConfig:
     val: Optional[SourceConfig] = None
     batch_tokens: Optional[int] = None  # token budget per micro-batch (UNITER); or:
     batch_size: Optional[int] = None  # a fixed number of samples per micro-batch
-    bucket_size: int = 8192  # samples sorted together by length for token batching
+    bucket_size: int = 1024  # samples held and sorted together by length for token batching (memory!)
     size_multiple: int = 8  # batch sizes are multiples of this (token batching)
     max_text_len: int = 60  # longer captions are dropped, not truncated (UNITER)
     max_regions: int = 100  # regions beyond this are dropped (highest confidence kept)
@@ -456,14 +456,17 @@ def _is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
-def check_files(recipe: Recipe) -> None:
-    """Every local file the recipe names must exist (shards, checkpoint folder, tokenizer)."""
+def check_files(recipe: Recipe, data: bool = True) -> None:
+    """Every local file the recipe names must exist (shards, checkpoint folder, tokenizer).
+
+    ``data=False`` skips the data files (shards, tokenizer), for dry runs.
+    """
     m = recipe.model
     if m.init_from is not None and not Path(m.init_from).expanduser().is_dir():
         raise RecipeError(f"recipe key 'model.init_from': folder '{m.init_from}' not found")
     if m.init_from is not None and not (Path(m.init_from).expanduser() / "config.json").is_file():
         raise RecipeError(f"recipe key 'model.init_from': '{m.init_from}' has no config.json (not a BERT checkpoint folder)")
-    if m.tokenizer is not None and not Path(m.tokenizer).expanduser().exists():
+    if data and m.tokenizer is not None and not Path(m.tokenizer).expanduser().exists():
         raise RecipeError(f"recipe key 'model.tokenizer': '{m.tokenizer}' not found")
     if m.tokenizer is None and m.init_from is None and not recipe.data.train:
         raise RecipeError("recipe key 'model.tokenizer' is not set and there is no train source to find one beside")
@@ -479,7 +482,7 @@ def check_files(recipe: Recipe) -> None:
             raise RecipeError(f"recipe key '{path}': set exactly one of 'shards' and 'shapes'")
         if src.weight < 0:
             raise RecipeError(f"recipe key '{path}.weight' must be >= 0")
-        if src.shards is not None:
+        if src.shards is not None and data:
             pattern = os.path.expanduser(src.shards)
             urls = expand_shards(pattern)
             local = [u for u in urls if _is_local(u)]

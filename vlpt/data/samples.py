@@ -52,12 +52,15 @@ def decode_regions(data: bytes, settings: DecodeSettings) -> dict[str, np.ndarra
         raise BadSample("bad_regions", f"feature size {feats.shape[1]} != {settings.feature_dim}")
     if feats.shape[0] == 0:
         raise BadSample("bad_regions", "no regions")
-    out = {"features": feats.astype(np.float32), "boxes": boxes.astype(np.float32)}
+    # half-precision arrays stay half until collation: buffers of thousands of samples
+    # (shuffle, token buckets) then take half the memory
+    keep = lambda a: a if a.dtype in (np.float16, np.float32) else a.astype(np.float32)  # noqa: E731
+    out = {"features": keep(feats), "boxes": boxes.astype(np.float32)}
     if not (np.isfinite(out["features"]).all() and np.isfinite(out["boxes"]).all()):
         raise BadSample("nonfinite_regions")
     for opt in ("soft_labels", "conf"):
         if opt in arrays:
-            a = arrays[opt].astype(np.float32)
+            a = keep(arrays[opt])
             if a.shape[0] != feats.shape[0] or not np.isfinite(a).all():
                 raise BadSample("bad_regions", f"{opt} does not match the regions")
             out[opt] = a

@@ -64,8 +64,9 @@ def evaluate(pretrain_model, data: EvalData) -> dict[str, float]:
     pretrain_model.eval()
     metrics: dict[str, float] = {}
     try:
-        for obj in pretrain_model.objectives.values():
-            metrics.update(obj.evaluate(pretrain_model.vl, data))
+        with data.autocast():  # heads run in the same precision as training
+            for obj in pretrain_model.objectives.values():
+                metrics.update(obj.evaluate(pretrain_model.vl, data))
     finally:
         pretrain_model.train(was_training)
     return metrics

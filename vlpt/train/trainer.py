@@ -27,6 +27,7 @@ from ..errors import UserError
 from ..eval import EvalData, evaluate, load_samples
 from ..recipe import Recipe, to_dict
 from .checkpoint import checkpoint_dirs, load_model_weights, load_trainer_state, read_state, save_checkpoint, step_of
+from .flops import device_peak_flops, train_step_flops
 from .mixing import TaskMixer
 from .optim import build_optimizer, build_scheduler
 
@@ -104,6 +105,8 @@ class Trainer:
         self.loaders = {name: data_loader(s, recipe.data.num_workers) for name, s in streams.items()}
         self.iters: dict[str, Any] = {}
         self.metrics = MetricsLog(self.out / "metrics.jsonl", acc.is_main_process)
+        self.vl_config = model.vl.config
+        self.peak_flops, self.peak_source = device_peak_flops(acc.device, recipe.train.precision)
         self.skipped: Counter = Counter()
         self._eval_data = None
 
@@ -143,6 +146,7 @@ class Trainer:
         acc, model, cfg = self.accelerator, self.model, self.recipe.train
         record: dict[str, Any] = {}
         samples = real_tokens = padded_tokens = 0
+        flops = 0.0
         tasks = self.mixer.tasks_for(step)
         n_micro = len(tasks) * cfg.accumulate
         micro = 0
@@ -164,6 +168,8 @@ class Trainer:
                 r, p = _tokens(batch)
                 real_tokens += r
                 padded_tokens += p
+                B = _batch_size(batch)
+                flops += train_step_flops(self.vl_config, B, p // max(B, 1))
             record[f"loss/{task}"] = task_loss
             total_loss += task_loss * self.mixer.loss_scale(task)
         if cfg.clip:
@@ -172,7 +178,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         record.update(task=tasks[0] if len(tasks) == 1 else "+".join(tasks), loss=total_loss,
-                      samples=samples, tokens=real_tokens, padded_tokens=padded_tokens)
+                      samples=samples, tokens=real_tokens, padded_tokens=padded_tokens, flops=flops)
         return record
 
     # -- evaluation ---------------------------------------------------------------------
@@ -225,7 +231,8 @@ class Trainer:
 
             bar = tqdm(total=steps, initial=self.start_step, desc="train", unit="step", dynamic_ncols=True)
         ema: dict[str, float] = {}
-        t_last, samples_since, tokens_since = time.time(), 0, 0
+        t_last, samples_since, tokens_since, flops_since = time.time(), 0, 0, 0.0
+        last_mfu = None
         t_start, samples_total = time.time(), 0
         result = None
         last_saved = self.start_step if self.resumed_from else None
@@ -234,6 +241,7 @@ class Trainer:
             samples_since += rec["samples"] * acc.num_processes
             samples_total += rec["samples"] * acc.num_processes
             tokens_since += rec["tokens"] * acc.num_processes
+            flops_since += rec["flops"]
             for k, v in rec.items():
                 if k.startswith("loss/"):
                     ema[k[5:]] = v if k[5:] not in ema else 0.95 * ema[k[5:]] + 0.05 * v
@@ -241,17 +249,21 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
                 rate = samples_total / max(time.time() - t_start, 1e-9)
-                bar.set_postfix_str(" ".join(f"{t}={v:.3f}" for t, v in ema.items()) + f" {rate:.0f} samples/s")
+                bar.set_postfix_str(" ".join(f"{t}={v:.3f}" for t, v in ema.items()) + f" {rate:.0f} samples/s"
+                                    + (f" mfu={last_mfu:.1%}" if last_mfu is not None else ""))
             if done % r.log.every == 0 or done == steps:
                 now = time.time()
                 dt = max(now - t_last, 1e-9)
                 rec.update(step=done, lr=self.scheduler.get_last_lr()[0], samples_per_s=samples_since / dt,
-                           tokens_per_s=tokens_since / dt, time=now,
+                           tokens_per_s=tokens_since / dt, time=now, mfu=flops_since / dt / self.peak_flops,
                            padding=1 - rec["tokens"] / max(rec["padded_tokens"], 1))
                 rec.update({f"data/skipped/{k}": v for k, v in self.skipped.items()})
+                if acc.device.type == "cuda":
+                    rec["peak_memory_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
                 self.metrics.write({k: rec[k] for k in ("step", "task", "loss", "lr", "samples_per_s")} |
                                    {k: v for k, v in rec.items() if k not in ("step", "task", "loss", "lr", "samples_per_s")})
-                t_last, samples_since, tokens_since = now, 0, 0
+                t_last, samples_since, tokens_since, flops_since = now, 0, 0, 0.0
+                last_mfu = rec["mfu"]
             if r.eval.every and done % r.eval.every == 0 and done != steps:
                 self.run_eval(done)
                 self.model.train()

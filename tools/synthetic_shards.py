@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Write random shards in vlpt's sample schema at any size, plus a matching tokenizer.
+
+For throughput and memory checks at real model sizes (e.g. UNITER-base: 2048-d
+region features, 1601-class soft labels, a 28996-word vocabulary) where the
+content does not matter, without downloading anything:
+
+    python tools/synthetic_shards.py --out /tmp/syn --samples 20000
+    vlpt train recipes/uniter-base.yaml "data.train=[{shards: '/tmp/syn/syn-{000000..000019}.tar'}]" \
+        data.val=null model.tokenizer=/tmp/syn/tokenizer.json train.steps=100
+
+Captions are random words ``w0 … wN`` (one token each); regions are random
+features with random boxes and Dirichlet soft labels.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def build_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for i in range(vocab_size - len(specials)):
+        vocab[f"w{i}"] = len(vocab)
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return tok
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--samples", type=int, default=20000)
+    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--feature-dim", type=int, default=2048)
+    p.add_argument("--classes", type=int, default=1601, help="soft-label classes incl. background (0: none)")
+    p.add_argument("--vocab-size", type=int, default=28996)
+    p.add_argument("--regions", default="10-100", help="regions per image, MIN-MAX")
+    p.add_argument("--caption-words", default="8-30", help="words per caption, MIN-MAX")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    import webdataset as wds
+    from tqdm import tqdm
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(args.vocab_size).save(str(out / "tokenizer.json"))
+    rmin, rmax = (int(x) for x in args.regions.split("-"))
+    wmin, wmax = (int(x) for x in args.caption_words.split("-"))
+    rng = np.random.default_rng(args.seed)
+    n_shards = (args.samples + args.shard_size - 1) // args.shard_size
+    with tqdm(total=args.samples, desc="synthetic shards", unit="sample") as bar:
+        for s in range(n_shards):
+            with wds.TarWriter(str(out / f"syn-{s:06d}.tar")) as w:
+                for i in range(s * args.shard_size, min(args.samples, (s + 1) * args.shard_size)):
+                    k = int(rng.integers(rmin, rmax + 1))
+                    xy = rng.random((k, 2)) * 0.7
+                    wh = 0.05 + rng.random((k, 2)) * 0.25
+                    arrays = {
+                        "features": rng.random((k, args.feature_dim), dtype=np.float32).astype(np.float16),
+                        "boxes": np.concatenate([xy, np.minimum(xy + wh, 1.0)], 1).astype(np.float32),
+                        "conf": rng.random(k, dtype=np.float32),
+                    }
+                    if args.classes:
+                        arrays["soft_labels"] = rng.dirichlet(np.full(args.classes, 0.05), size=k).astype(np.float16)
+                    buf = io.BytesIO()
+                    np.savez(buf, **arrays)
+                    words = rng.integers(0, args.vocab_size - 5, int(rng.integers(wmin, wmax + 1)))
+                    w.write({"__key__": f"syn{i:09d}", "txt": " ".join(f"w{x}" for x in words),
+                             "regions.npz": buf.getvalue()})
+                    bar.update(1)
+    (out / "info.json").write_text(json.dumps({"samples": args.samples, "shards": n_shards, **vars(args)}, indent=2))
+    print(f"wrote {args.samples} samples in {n_shards} shards to {out} (pattern syn-{{000000..{n_shards - 1:06d}}}.tar)",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
