@@ -278,8 +278,9 @@ class Trainer:
             result = self.run_eval(steps)
         if acc.is_main_process:
             ckpt = checkpoint_dirs(self.out)
-            print(f"vlpt: done. outputs in {self.out}/ (recipe.yaml, metrics.jsonl, eval.json"
-                  + (f", {ckpt[-1].relative_to(self.out)}/" if ckpt else "") + ")", file=sys.stderr)
+            files = [f for f in ("recipe.yaml", "metrics.jsonl", "eval.json") if (self.out / f).exists()]
+            files += [f"{ckpt[-1].relative_to(self.out)}/"] if ckpt else []
+            print(f"vlpt: done. outputs in {self.out}/ ({', '.join(files)})", file=sys.stderr)
             if result:
                 shown = {k: round(v, 3) for k, v in result.items() if k != "step"}
                 print("vlpt: eval " + json.dumps(shown), file=sys.stderr)
