@@ -92,3 +92,28 @@ def data_loader(stream: TaskStream, num_workers: int) -> torch.utils.data.DataLo
     if num_workers > 0:
         kwargs.update(persistent_workers=True, prefetch_factor=4)
     return torch.utils.data.DataLoader(stream, **kwargs)
+
+
+def check_sample_fields(tasks: list[TaskSpec], sources: list[Source], settings: DecodeSettings, tokenizer) -> None:
+    """Objectives that need region fields (``sample_fields``) fail here, before training,
+    when the first usable sample of a source lacks them."""
+    from .data.samples import BadSample, decode_sample
+    from .data.stream import read_tar_samples
+    from .errors import RecipeError
+
+    needed = {f: o.name for t in tasks for o in t.objectives for f in getattr(o.cls, "sample_fields", ())}
+    if not needed or settings.image_size is not None:
+        return
+    for i, src in enumerate(sources):
+        for raw in read_tar_samples(src.urls[0], lambda *a: None):
+            try:
+                sample = decode_sample(raw, tokenizer, settings)
+            except BadSample:
+                continue
+            for field, objective in needed.items():
+                if field not in sample:
+                    raise RecipeError(
+                        f"objective '{objective}' needs '{field}' in regions.npz, but the samples of "
+                        f"data.train.{i} ('{src.urls[0]}') have none"
+                    )
+            break

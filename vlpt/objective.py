@@ -78,6 +78,8 @@ class Objective(nn.Module):
     wants_pool: ClassVar[bool] = False
     #: objectives that must share this one's task (e.g. ``wra`` reads ``itm``'s labels)
     requires: ClassVar[tuple[str, ...]] = ()
+    #: region fields the data must carry (besides features and boxes), e.g. ``("soft_labels",)``
+    sample_fields: ClassVar[tuple[str, ...]] = ()
     #: padding value per batch field this objective adds (default 0)
     pad_values: ClassVar[dict[str, Any]] = {}
 

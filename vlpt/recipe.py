@@ -407,6 +407,8 @@ def resolve_tasks(recipe: Recipe) -> list[TaskSpec]:
         raise RecipeError("recipe key 'tasks' is empty: name at least one task with objectives")
     out = []
     for tname, task in recipe.tasks.items():
+        if task.weight == 0 and recipe.mixing == "sample":
+            continue  # switched off (e.g. by a recipe that extends another): built nowhere, never drawn
         if not task.objectives:
             raise RecipeError(f"recipe key 'tasks.{tname}.objectives' is empty")
         if task.weight < 0:
@@ -437,7 +439,7 @@ def resolve_tasks(recipe: Recipe) -> list[TaskSpec]:
                     f"(e.g. tasks.{tname}.objectives: {{{', '.join([*missing, o.name])}}})"
                 )
         out.append(TaskSpec(tname, task.weight, objs))
-    if sum(t.weight for t in out) <= 0:
+    if not out or sum(t.weight for t in out) <= 0:
         raise RecipeError("recipe key 'tasks': every task has weight 0")
     return out
 

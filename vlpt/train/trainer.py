@@ -20,7 +20,8 @@ from typing import Any
 import torch
 import yaml
 
-from ..build import Built, build_model, data_loader, eval_collator, decode_settings, task_streams, validate
+from ..build import (Built, build_model, check_sample_fields, data_loader, decode_settings, eval_collator,
+                     task_streams, validate)
 from ..data.collate import move_to
 from ..data.sources import resolve_sources
 from ..errors import UserError
@@ -92,6 +93,7 @@ class Trainer:
             self.sources, self.val_source = resolve_sources(recipe, progress=progress, quiet=not acc.is_main_process)
         self.built: Built = build_model(recipe, tasks)
         model = self.built.model
+        check_sample_fields(tasks, self.sources, decode_settings(recipe, model), self.built.tokenizer)
         self.optimizer = build_optimizer(model, recipe.train)
         self.scheduler = build_scheduler(self.optimizer, recipe.train)
         self.start_step = 0
