@@ -13,6 +13,7 @@ soft labels fails at recipe validation.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -76,12 +77,18 @@ class MaskedRegionClassification(_MaskedRegionClassification):
 
 @register_objective("mrc_kl")
 class MaskedRegionClassificationKL(_MaskedRegionClassification):
+    @dataclass
+    class Options(_MaskedRegionClassification.Options):
+        # "elements": mean over regions × classes, as UNITER's code (its task ratios were tuned with it);
+        # "regions": sum over classes, mean over regions — the KL itself, num_classes times larger
+        reduction: Literal["elements", "regions"] = "elements"
+
     def forward(self, out: EncoderOutput, batch) -> ObjectiveOutput:
         masked = batch["region_masked"]
         logp = F.log_softmax(self.logits(out.regions[masked]), dim=-1)  # (n, C)
         target = batch["soft_labels"][masked].float()
         target = target / target.sum(-1, keepdim=True).clamp_min(1e-12)
-        # mean over all elements, as UNITER's code (not batchmean): the loss scale its ratios were tuned for
-        loss = F.kl_div(logp, target, reduction="none").mean()
+        kl = F.kl_div(logp, target, reduction="none")  # (n, C)
+        loss = kl.mean() if self.options.reduction == "elements" else kl.sum(-1).mean()
         acc = (logp[:, 1:].argmax(-1) == target[:, 1:].argmax(-1)).float().mean()
         return ObjectiveOutput(loss, {"acc": acc.item()})

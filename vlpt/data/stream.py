@@ -175,7 +175,8 @@ class TaskStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         slot, slots = self._slot()
         rng = np.random.default_rng([self.seed, self.stream_id, slot])
-        torch.set_num_threads(1) if get_worker_info() is not None else None
+        if get_worker_info() is not None:
+            torch.set_num_threads(1)  # workers do numpy work; leave the cores to the training step
         views = self._views(self._shuffled(self._mixed(rng, slot, slots), rng), rng)
         reported: Counter = Counter()
         for group in bucket_batches(
