@@ -55,7 +55,9 @@ def make_accelerator(recipe: Recipe):
         print("vlpt: train.precision=fp16 needs a GPU; on CPU accelerate runs fp32 (use bf16 on CPU)", file=sys.stderr)
     # With task sampling, each update uses only its task's heads: DDP must expect unused parameters.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=len(recipe.tasks) > 1 or recipe.mixing == "sample")
-    return Accelerator(mixed_precision=precision, kwargs_handlers=[ddp])
+    # several processes and no GPU (e.g. torchrun on CPUs): accelerate only sets up gloo ranks when told cpu=True
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return Accelerator(mixed_precision=precision, kwargs_handlers=[ddp], cpu=multi_cpu)
 
 
 def _batch_size(batch: dict) -> int:
