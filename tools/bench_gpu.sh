@@ -39,7 +39,7 @@ streams = task_streams(built, sources)
 batches = {}
 for name, s in streams.items():
     it = iter(s)
-    batches[name] = [move_to({k: v for k, v in next(it).items() if k != "data_skipped"}, dev) for _ in range(6)]
+    batches[name] = [move_to({k: v for k, v in next(it).items() if not k.startswith("data_")}, dev) for _ in range(6)]
 model = built.model.to(dev).train()
 opt = build_optimizer(model, r.train)
 mixer = TaskMixer(list(r.tasks), [t.weight for t in r.tasks.values()], "sample", 0)

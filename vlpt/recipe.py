@@ -88,6 +88,7 @@ class DataConfig:
     num_workers: int = 1  # data-loader workers per task
     shuffle_buffer: int = 1000  # samples in the shuffle buffer
     cache_dir: Optional[str] = None  # where generated data goes; default $VLPT_CACHE or ~/.cache/vlpt
+    max_bad_fraction: float = 0.01  # stop when more than this fraction of samples read is skipped as bad
 
 
 @dataclass

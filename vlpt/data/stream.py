@@ -101,6 +101,7 @@ class TaskStream(IterableDataset):
         self.seed, self.stream_id = seed, stream_id
         self.rank, self.world_size = rank, world_size
         self.skipped: Counter = Counter()
+        self.read = 0  # samples this slot tried to decode (the denominator of the bad fraction)
         self.warn = RateLimitedWarner()
 
     # -- stages ----------------------------------------------------------------------
@@ -123,6 +124,7 @@ class TaskStream(IterableDataset):
                     n += 1
                     if not by_shard and (n - 1) % slots != slot:
                         continue
+                    self.read += 1
                     try:
                         sample = decode_sample(raw, self.tokenizer, self.decode)
                     except BadSample as e:
@@ -179,10 +181,13 @@ class TaskStream(IterableDataset):
             torch.set_num_threads(1)  # workers do numpy work; leave the cores to the training step
         views = self._views(self._shuffled(self._mixed(rng, slot, slots), rng), rng)
         reported: Counter = Counter()
+        read_reported = 0
         for group in bucket_batches(
             views, sample_length, rng, self.batch_tokens, self.batch_size, self.bucket_size, self.size_multiple
         ):
             batch = self.collator(group)
+            # counts since the previous batch: the trainer sums them over workers and tasks
             batch["data_skipped"] = dict(self.skipped - reported)
-            reported = Counter(self.skipped)
+            batch["data_read"] = self.read - read_reported
+            reported, read_reported = Counter(self.skipped), self.read
             yield batch

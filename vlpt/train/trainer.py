@@ -112,6 +112,7 @@ class Trainer:
         self.vl_config = model.vl.config
         self.peak_flops, self.peak_source = device_peak_flops(acc.device, recipe.train.precision)
         self.skipped: Counter = Counter()
+        self.read = 0
         self._eval_data = None
 
     # -- set-up ------------------------------------------------------------------------
@@ -143,6 +144,7 @@ class Trainer:
             self.iters[task] = iter(self.loaders[task])
         batch = next(self.iters[task])
         self.skipped.update(batch.pop("data_skipped", {}) or {})
+        self.read += int(batch.pop("data_read", 0) or 0)
         return move_to(batch, self.accelerator.device)
 
     # -- one update --------------------------------------------------------------------
@@ -184,6 +186,17 @@ class Trainer:
         record.update(task=tasks[0] if len(tasks) == 1 else "+".join(tasks), loss=total_loss,
                       samples=samples, tokens=real_tokens, padded_tokens=padded_tokens, flops=flops)
         return record
+
+    def check_bad_fraction(self, step: int) -> None:
+        """Stop (on every rank at once) when too many samples were skipped as bad."""
+        acc = self.accelerator
+        counts = torch.tensor([float(sum(self.skipped.values())), float(self.read)], device=acc.device)
+        skipped, read = (float(v) for v in acc.reduce(counts, reduction="sum"))
+        limit = self.recipe.data.max_bad_fraction
+        if read >= 100 and skipped / read > limit:
+            reasons = ", ".join(f"{k}: {v}" for k, v in self.skipped.most_common())
+            raise UserError(f"stopping at step {step}: {skipped / read:.1%} of the samples read were bad "
+                            f"({int(skipped)} of {int(read)}; {reasons}), more than data.max_bad_fraction = {limit}")
 
     # -- evaluation ---------------------------------------------------------------------
     def eval_data(self) -> EvalData | None:
@@ -268,6 +281,8 @@ class Trainer:
                                    {k: v for k, v in rec.items() if k not in ("step", "task", "loss", "lr", "samples_per_s")})
                 t_last, samples_since, tokens_since, flops_since = now, 0, 0, 0.0
                 last_mfu = rec["mfu"]
+            if done % r.log.every == 0 or done == steps:
+                self.check_bad_fraction(done)
             if r.eval.every and done % r.eval.every == 0 and done != steps:
                 self.run_eval(done)
                 self.model.train()
