@@ -75,3 +75,28 @@ def test_token_budget_training_stream(tmp_path):
         sizes.append(n)
         assert n * L <= 400 + 8 * L
     assert len(set(sizes)) > 1 or sizes[0] % 8 == 0
+
+
+def test_two_sources_mixed_three_to_one(tmp_path):
+    import webdataset as wds
+
+    from vlpt.data.shapes import make_sample, train_tokenizer
+
+    captions = []
+    for name in ("coco", "vg"):
+        with wds.TarWriter(str(tmp_path / f"{name}-000000.tar")) as w:
+            for i in range(150):
+                s = make_sample(np.random.default_rng([len(name), i]))
+                captions.append(s["txt"])
+                w.write({"__key__": f"{name}{i:04d}", **s})
+    train_tokenizer(captions).save(str(tmp_path / "tokenizer.json"))
+    recipe = load_recipe(tiny_recipe(tmp_path, data={
+        "train": [{"shards": str(tmp_path / "coco-000000.tar"), "weight": 3},
+                  {"shards": str(tmp_path / "vg-000000.tar"), "weight": 1}],
+        "val": None, "batch_size": 50}), [f"model.tokenizer={tmp_path / 'tokenizer.json'}"])
+    sources, _ = resolve_sources(recipe, progress=False)
+    b = build_model(recipe)
+    it = iter(task_streams(b, sources)["mlm"])
+    keys = [k for _ in range(40) for k in next(it)["key"]]  # 2000 samples
+    share = sum(k.startswith("coco") for k in keys) / len(keys)
+    assert abs(share - 0.75) < 0.05 * 0.75, share
