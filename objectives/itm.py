@@ -68,7 +68,7 @@ class ImageTextMatching(Objective):
         target = batch["itm_label"]
         loss = F.cross_entropy(logits.float(), target)
         acc = (logits.argmax(-1) == target).float().mean()
-        return ObjectiveOutput(loss, {"acc": acc.item()})
+        return ObjectiveOutput(loss, {"acc": acc.detach()})
 
     # -- evaluation -------------------------------------------------------------------
     @torch.no_grad()

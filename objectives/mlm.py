@@ -25,6 +25,7 @@ from torch import nn
 
 from vlpt import EncoderOutput, Objective, ObjectiveOutput, register_objective
 from vlpt.data.masking import IGNORE, mask_tokens
+from vlpt.model.heads import prediction_transform
 
 
 @register_objective("mlm")
@@ -41,7 +42,7 @@ class MaskedLanguageModeling(Objective):
     def __init__(self, options: Options, model, tokenizer):
         super().__init__(options, model, tokenizer)
         H = model.config.hidden_size
-        self.transform = nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.LayerNorm(H, eps=1e-12))
+        self.transform = prediction_transform(H)
         self.bias = nn.Parameter(torch.zeros(model.config.vocab_size))
         nn.init.normal_(self.transform[0].weight, std=0.02)
         nn.init.zeros_(self.transform[0].bias)
@@ -63,7 +64,7 @@ class MaskedLanguageModeling(Objective):
         target = labels[selected]
         loss = F.cross_entropy(logits.float(), target)
         acc = (logits.argmax(-1) == target).float().mean()
-        return ObjectiveOutput(loss, {"acc": acc.item()})
+        return ObjectiveOutput(loss, {"acc": acc.detach()})
 
     # -- evaluation -------------------------------------------------------------------
     @torch.no_grad()

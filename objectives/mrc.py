@@ -23,6 +23,7 @@ from torch import nn
 from vlpt import EncoderOutput, Objective, ObjectiveOutput, register_objective
 
 from vlpt.data.masking import mask_sample_regions
+from vlpt.model.heads import prediction_transform
 
 
 class _MaskedRegionClassification(Objective):
@@ -39,7 +40,7 @@ class _MaskedRegionClassification(Objective):
         super().__init__(options, model, tokenizer)
         H = model.config.hidden_size
         n = self.num_classes = options.num_classes
-        self.transform = nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.LayerNorm(H, eps=1e-12))
+        self.transform = prediction_transform(H)
         self.classifier = nn.Linear(H, n)
 
     def prepare(self, sample, rng, pool=None):
@@ -72,7 +73,7 @@ class MaskedRegionClassification(_MaskedRegionClassification):
         logits = self.logits(out.regions[masked])  # (n, C)
         target = batch["soft_labels"][masked][:, 1:].argmax(-1) + 1  # arg-max excluding background
         loss = F.cross_entropy(logits, target)
-        return ObjectiveOutput(loss, {"acc": (logits.argmax(-1) == target).float().mean().item()})
+        return ObjectiveOutput(loss, {"acc": (logits.argmax(-1) == target).float().mean().detach()})
 
 
 @register_objective("mrc_kl")
@@ -91,4 +92,4 @@ class MaskedRegionClassificationKL(_MaskedRegionClassification):
         kl = F.kl_div(logp, target, reduction="none")  # (n, C)
         loss = kl.mean() if self.options.reduction == "elements" else kl.sum(-1).mean()
         acc = (logp[:, 1:].argmax(-1) == target[:, 1:].argmax(-1)).float().mean()
-        return ObjectiveOutput(loss, {"acc": acc.item()})
+        return ObjectiveOutput(loss, {"acc": acc.detach()})

@@ -20,6 +20,7 @@ from torch import nn
 
 from vlpt import EncoderOutput, Objective, ObjectiveOutput, register_objective
 from vlpt.data.masking import mask_sample_regions
+from vlpt.model.heads import prediction_transform
 
 
 @register_objective("mrfr")
@@ -35,7 +36,7 @@ class MaskedRegionFeatureRegression(Objective):
     def __init__(self, options: Options, model, tokenizer):
         super().__init__(options, model, tokenizer)
         H, D = model.config.hidden_size, model.feature_dim
-        self.transform = nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.LayerNorm(H, eps=1e-12))
+        self.transform = prediction_transform(H)
         self.bias = nn.Parameter(torch.zeros(D))
         self.out = None if options.tied else nn.Linear(H, D, bias=False)
 
@@ -52,7 +53,7 @@ class MaskedRegionFeatureRegression(Objective):
         pred = self.predict(out.regions[masked], out.model)  # (n, D)
         target = batch["region_targets"][masked].to(pred.dtype)
         loss = F.mse_loss(pred.float(), target.float())
-        return ObjectiveOutput(loss, {"mse": loss.item()})
+        return ObjectiveOutput(loss, {"mse": loss.detach()})
 
     @torch.no_grad()
     def evaluate(self, model, data) -> dict[str, float]:

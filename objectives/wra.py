@@ -49,7 +49,9 @@ class WordRegionAlignment(Objective):
         distance = ot_distance(cost, plan)  # (B,)
         positive = batch["itm_label"] == 1
         loss = (distance[positive].sum() - distance[~positive].sum()) / distance.numel()
-        return ObjectiveOutput(loss, {"pos_distance": float(distance[positive].detach().mean()) if positive.any() else 0.0})
+        d = distance.detach()
+        pos_distance = (d * positive).sum() / positive.sum().clamp_min(1)  # mean over matched pairs; 0 if none
+        return ObjectiveOutput(loss, {"pos_distance": pos_distance})
 
     @torch.no_grad()
     def evaluate(self, model, data) -> dict[str, float]:

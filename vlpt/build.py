@@ -17,7 +17,8 @@ from .data.stream import Source, TaskStream
 from .data.tokenizer import TextTokenizer
 from .model import VLModel
 from .model.bert_io import apply_bert_config, load_bert_into
-from .recipe import Recipe, TaskSpec, check_files, resolve_tasks
+from .errors import RecipeError
+from .recipe import ModelConfig, Recipe, TaskSpec, check_files, resolve_tasks
 from .tasks import PretrainModel, task_pipeline
 
 
@@ -35,19 +36,24 @@ def validate(recipe: Recipe) -> list[TaskSpec]:
     return resolve_tasks(recipe)
 
 
-def build_model(recipe: Recipe, tasks: list[TaskSpec] | None = None, load_init: bool = True) -> Built:
-    """Tokenizer + :class:`PretrainModel` (BERT weights loaded if ``model.init_from``)."""
-    tasks = tasks if tasks is not None else validate(recipe)
-    tokenizer = TextTokenizer.from_path(default_tokenizer_path(recipe))
+def model_config(recipe: Recipe, tokenizer_vocab: int | None) -> ModelConfig:
+    """The model's sizes: the recipe's, the init checkpoint's (which win), the tokenizer's vocabulary."""
     mcfg = copy.deepcopy(recipe.model)
     if mcfg.init_from:
         apply_bert_config(mcfg, mcfg.init_from)
     if mcfg.vocab_size is None:
-        mcfg.vocab_size = tokenizer.vocab_size
-    elif mcfg.vocab_size < tokenizer.vocab_size:
-        from .errors import RecipeError
+        mcfg.vocab_size = tokenizer_vocab
+    elif tokenizer_vocab is not None and mcfg.vocab_size < tokenizer_vocab:
+        raise RecipeError(f"recipe key 'model.vocab_size' ({mcfg.vocab_size}) is smaller than the tokenizer's "
+                          f"vocabulary ({tokenizer_vocab})")
+    return mcfg
 
-        raise RecipeError(f"recipe key 'model.vocab_size' ({mcfg.vocab_size}) is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size})")
+
+def build_model(recipe: Recipe, tasks: list[TaskSpec] | None = None, load_init: bool = True) -> Built:
+    """Tokenizer + :class:`PretrainModel` (BERT weights loaded if ``model.init_from``)."""
+    tasks = tasks if tasks is not None else validate(recipe)
+    tokenizer = TextTokenizer.from_path(default_tokenizer_path(recipe))
+    mcfg = model_config(recipe, tokenizer.vocab_size)
     vl = VLModel(mcfg)
     if mcfg.init_from and load_init:
         load_bert_into(vl, mcfg.init_from)
@@ -99,8 +105,6 @@ def check_sample_fields(tasks: list[TaskSpec], sources: list[Source], settings: 
     when the first usable sample of a source lacks them."""
     from .data.samples import BadSample, decode_sample
     from .data.stream import read_tar_samples
-    from .errors import RecipeError
-
     needed = {f: o.name for t in tasks for o in t.objectives for f in getattr(o.cls, "sample_fields", ())}
     if not needed or settings.image_size is not None:
         return

@@ -27,27 +27,23 @@ def _train(args) -> int:
 
 def _dry_run(recipe) -> int:
     """Validate the recipe and build the model without touching data."""
-    import copy
-
+    from .build import model_config
+    from .data.sources import default_tokenizer_path
+    from .data.tokenizer import TextTokenizer
     from .model import VLModel
-    from .model.bert_io import apply_bert_config
 
     from .recipe import check_files, resolve_tasks
 
     check_files(recipe, data=False)  # a dry run needs no data
     tasks = resolve_tasks(recipe)
-    mcfg = copy.deepcopy(recipe.model)
-    if mcfg.init_from:
-        apply_bert_config(mcfg, mcfg.init_from)
+    try:
+        vocab = TextTokenizer.from_path(default_tokenizer_path(recipe)).vocab_size
+    except UserError:
+        vocab = None
+    mcfg = model_config(recipe, vocab)
     if mcfg.vocab_size is None:
-        from .data.sources import default_tokenizer_path
-        from .data.tokenizer import TextTokenizer
-
-        try:
-            mcfg.vocab_size = TextTokenizer.from_path(default_tokenizer_path(recipe)).vocab_size
-        except UserError:
-            mcfg.vocab_size = 30522
-            print("vlpt: note: tokenizer not available yet; counting with BERT's vocabulary (30522)")
+        mcfg.vocab_size = 30522
+        print("vlpt: note: tokenizer not available yet; counting with BERT's vocabulary (30522)")
     vl = VLModel(mcfg)
     print(f"recipe {recipe.source}: valid")
     print(f"tasks: " + ", ".join(f"{t.name} (weight {t.weight}: " + ", ".join(f"{o.name}×{o.weight}" for o in t.objectives) + ")" for t in tasks))

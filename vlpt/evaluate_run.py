@@ -37,7 +37,6 @@ def locate(path: str | Path, checkpoint: str | None = None) -> tuple[Path, Path]
 def load_run(path, checkpoint=None, overrides=()):
     run, ckpt = locate(path, checkpoint)
     recipe = load_recipe(run / "recipe.yaml", list(overrides))
-    recipe.plugins = list(recipe.plugins)
     built = build_model(recipe, load_init=False)
     load_model_weights(built.model, ckpt)
     return run, ckpt, built

@@ -18,7 +18,6 @@ heavy work, with did-you-mean errors for typos.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
@@ -32,10 +31,14 @@ MODALITIES = frozenset({"text", "image"})
 
 @dataclass
 class ObjectiveOutput:
-    """What an objective returns: a scalar loss and detached float metrics."""
+    """What an objective returns: a scalar loss and metrics.
+
+    Metrics may be 0-d tensors: the trainer turns them into floats only on the
+    steps it logs, so the training step never waits for the device.
+    """
 
     loss: torch.Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
 
 
 @dataclass
@@ -123,6 +126,3 @@ class Objective(nn.Module):
         """
         return {}
 
-    @classmethod
-    def option_fields(cls) -> list[dataclasses.Field]:
-        return list(dataclasses.fields(cls.Options))

@@ -23,7 +23,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .errors import RecipeError, did_you_mean
+from .errors import RecipeError, UserError, did_you_mean
 
 # --------------------------------------------------------------------------------------
 # schema
@@ -419,9 +419,7 @@ def resolve_tasks(recipe: Recipe) -> list[TaskSpec]:
             path = f"tasks.{tname}.objectives.{oname}"
             try:
                 cls = get_objective(oname)
-            except RecipeError:
-                raise
-            except Exception as e:
+            except UserError as e:  # unknown name: say where the recipe names it
                 raise RecipeError(f"recipe key '{path}': {e}") from None
             if isinstance(value, dict):
                 value = dict(value)

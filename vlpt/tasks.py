@@ -40,17 +40,17 @@ class PretrainModel(nn.Module):
         self.tasks = {t.name: t for t in tasks}
 
     def forward(self, task: str, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
-        """One task's weighted loss on one batch, with per-objective metrics."""
+        """One task's weighted loss on one batch, with per-objective metrics (detached tensors or floats)."""
         out = self.vl(batch)
         total = None
-        metrics: dict[str, float] = {}
+        metrics: dict[str, torch.Tensor | float] = {}
         for spec in self.tasks[task].objectives:
             res = self.objectives[spec.name](out, batch)
             weighted = spec.weight * res.loss
             total = weighted if total is None else total + weighted
-            metrics[f"{spec.name}/loss"] = float(res.loss.detach())
+            metrics[f"{spec.name}/loss"] = res.loss.detach()
             for k, v in res.metrics.items():
-                metrics[f"{spec.name}/{k}"] = float(v)
+                metrics[f"{spec.name}/{k}"] = v.detach() if torch.is_tensor(v) else v
         return total, metrics
 
 

@@ -60,21 +60,21 @@ def make_accelerator(recipe: Recipe):
     return Accelerator(mixed_precision=precision, kwargs_handlers=[ddp], cpu=multi_cpu)
 
 
-def _batch_size(batch: dict) -> int:
-    for k in ("input_ids", "features", "image"):
-        if torch.is_tensor(batch.get(k)):
-            return int(batch[k].shape[0])
-    return 0
-
-
-def _tokens(batch: dict) -> tuple[int, int]:
-    """(real tokens, padded tokens) of a batch."""
+def batch_stats(batch: dict) -> tuple[int, int, int]:
+    """(samples, real tokens, padded tokens) of a batch, read while it is still on the CPU
+    (on a GPU, summing the masks there would make every micro-batch wait for the device)."""
+    size = next((int(batch[k].shape[0]) for k in ("input_ids", "features", "image") if torch.is_tensor(batch.get(k))), 0)
     real = padded = 0
     for m in ("text_mask", "region_mask"):
         if torch.is_tensor(batch.get(m)):
             real += int(batch[m].sum())
             padded += batch[m].numel()
-    return real, padded
+    return size, real, padded
+
+
+def as_floats(record: dict[str, Any]) -> dict[str, Any]:
+    """Tensors (losses, metrics kept on the device during the step) as Python floats, for logging."""
+    return {k: float(v) if torch.is_tensor(v) else v for k, v in record.items()}
 
 
 class Trainer:
@@ -139,16 +139,18 @@ class Trainer:
         self.start_step = read_state(ckpt)["step"]
         self.resumed_from = ckpt
 
-    def _next_batch(self, task: str) -> dict:
+    def _next_batch(self, task: str) -> tuple[dict, tuple[int, int, int]]:
+        """The task's next batch on the device, and its (samples, real tokens, padded tokens)."""
         if task not in self.iters:
             self.iters[task] = iter(self.loaders[task])
         batch = next(self.iters[task])
         self.skipped.update(batch.pop("data_skipped", {}) or {})
         self.read += int(batch.pop("data_read", 0) or 0)
-        return move_to(batch, self.accelerator.device)
+        return move_to(batch, self.accelerator.device), batch_stats(batch)
 
     # -- one update --------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, Any]:
+        """One optimizer update. Losses and metrics stay tensors (no device sync); see ``as_floats``."""
         acc, model, cfg = self.accelerator, self.model, self.recipe.train
         record: dict[str, Any] = {}
         samples = real_tokens = padded_tokens = 0
@@ -160,26 +162,24 @@ class Trainer:
         for task in tasks:
             task_loss = 0.0
             for _ in range(cfg.accumulate):
-                batch = self._next_batch(task)
+                batch, (size, real, padded) = self._next_batch(task)
                 micro += 1
                 sync = contextlib.nullcontext() if micro == n_micro else acc.no_sync(model)
                 with sync, acc.autocast():
                     loss, metrics = model(task, batch)
                     scaled = loss * (self.mixer.loss_scale(task) / cfg.accumulate)
                 acc.backward(scaled)
-                task_loss += float(loss.detach()) / cfg.accumulate
+                task_loss += loss.detach() / cfg.accumulate
                 for k, v in metrics.items():
                     record[k] = record.get(k, 0.0) + v / cfg.accumulate
-                samples += _batch_size(batch)
-                r, p = _tokens(batch)
-                real_tokens += r
-                padded_tokens += p
-                B = _batch_size(batch)
-                flops += train_step_flops(self.vl_config, B, p // max(B, 1))
+                samples += size
+                real_tokens += real
+                padded_tokens += padded
+                flops += train_step_flops(self.vl_config, size, padded // max(size, 1))
             record[f"loss/{task}"] = task_loss
             total_loss += task_loss * self.mixer.loss_scale(task)
         if cfg.clip:
-            record["grad_norm"] = float(acc.clip_grad_norm_(model.parameters(), cfg.clip))
+            record["grad_norm"] = acc.clip_grad_norm_(model.parameters(), cfg.clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -249,7 +249,6 @@ class Trainer:
             bar = tqdm(total=steps, initial=self.start_step, desc="train", unit="step", dynamic_ncols=True)
         ema: dict[str, float] = {}
         t_last, samples_since, tokens_since, flops_since = time.time(), 0, 0, 0.0
-        last_mfu = None
         t_start, samples_total = time.time(), 0
         result = None
         last_saved = self.start_step if self.resumed_from else None
@@ -263,12 +262,11 @@ class Trainer:
                 if k.startswith("loss/"):
                     ema[k[5:]] = v if k[5:] not in ema else 0.95 * ema[k[5:]] + 0.05 * v
             done = step + 1
+            logging_step = done % r.log.every == 0 or done == steps
             if bar is not None:
                 bar.update(1)
-                rate = samples_total / max(time.time() - t_start, 1e-9)
-                bar.set_postfix_str(" ".join(f"{t}={v:.3f}" for t, v in ema.items()) + f" {rate:.0f} samples/s"
-                                    + (f" mfu={last_mfu:.1%}" if last_mfu is not None else ""))
-            if done % r.log.every == 0 or done == steps:
+            if logging_step:
+                rec = as_floats(rec)
                 now = time.time()
                 dt = max(now - t_last, 1e-9)
                 rec.update(step=done, lr=self.scheduler.get_last_lr()[0], samples_per_s=samples_since / dt,
@@ -277,11 +275,13 @@ class Trainer:
                 rec.update({f"data/skipped/{k}": v for k, v in self.skipped.items()})
                 if acc.device.type == "cuda":
                     rec["peak_memory_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
-                self.metrics.write({k: rec[k] for k in ("step", "task", "loss", "lr", "samples_per_s")} |
-                                   {k: v for k, v in rec.items() if k not in ("step", "task", "loss", "lr", "samples_per_s")})
+                first = ("step", "task", "loss", "lr", "samples_per_s")  # the contract's keys lead each line
+                self.metrics.write({**{k: rec[k] for k in first}, **rec})
                 t_last, samples_since, tokens_since, flops_since = now, 0, 0, 0.0
-                last_mfu = rec["mfu"]
-            if done % r.log.every == 0 or done == steps:
+                if bar is not None:
+                    rate = samples_total / max(now - t_start, 1e-9)
+                    bar.set_postfix_str(" ".join(f"{t}={float(v):.3f}" for t, v in ema.items())
+                                        + f" {rate:.0f} samples/s mfu={rec['mfu']:.1%}")
                 self.check_bad_fraction(done)
             if r.eval.every and done % r.eval.every == 0 and done != steps:
                 self.run_eval(done)
