@@ -72,7 +72,7 @@ class MaskedLanguageModeling(Objective):
         correct = total = 0
         for batch in data.batches(views):
             if blind:
-                batch["features"] = torch.zeros_like(batch["features"])
+                batch["zero_region_features"] = True
             out = data.encode(model, batch)
             labels = batch["mlm_labels"]
             selected = labels != IGNORE

@@ -85,3 +85,18 @@ def test_no_resume_refuses_to_overwrite(run):
     _, recipe, _ = run
     res = _vlpt("train", str(recipe), "--no-resume")
     assert res.returncode == 2 and "--force" in res.stderr
+
+
+def test_timm_backbone_turns_raw_images_into_grid_regions(tmp_path):
+    recipe = tiny_recipe(tmp_path, model={"image_backbone": {"name": "resnet18", "image_size": 64, "frozen": True}},
+                         train={"steps": 2, "lr": 1e-3, "warmup": 1}, checkpoint={"every": None, "keep": 1})
+    res = _vlpt("train", str(recipe))
+    assert res.returncode == 0, res.stderr[-3000:]
+    ev = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert 0.0 <= ev["itm_acc"] <= 1.0
+    weights = load_file(str(tmp_path / "run" / "checkpoints" / "step-0000002" / "model.safetensors"))
+    # resnet18's 512 channels feed the region embedder; a 64-px image gives a 2×2 grid of regions
+    assert weights["vl.region_embedder.feature_proj.weight"].shape[1] == 512
+    from vlpt.model import grid_boxes
+
+    assert torch.allclose(grid_boxes(2, 2)[3], torch.tensor([0.5, 0.5, 1.0, 1.0]))

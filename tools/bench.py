@@ -64,7 +64,6 @@ Exit code 2 with one line on stderr for a user mistake (missing recipe, bad opti
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -215,21 +214,18 @@ def _tokenizer(recipe, vocab_size: int | None):
 
 
 def _model_config(recipe, vocab_size: int | None, tokenizer):
-    from vlpt.model.bert_io import apply_bert_config
+    """The recipe's sizes (vlpt's own resolution), with ``--vocab-size`` in place of the recipe's."""
+    from vlpt.build import model_config
 
     if recipe.model.image_backbone is not None:
         raise UserError("recipes with model.image_backbone are not supported: "
                         "VisualBERT takes region features")
-    mcfg = copy.deepcopy(recipe.model)
-    if mcfg.init_from:
-        apply_bert_config(mcfg, mcfg.init_from)  # its sizes; no weights loaded (both start at random)
-    if vocab_size is not None:
+    mcfg = model_config(recipe, tokenizer.vocab_size)  # init_from's sizes; no weights loaded
+    if vocab_size is not None:  # the flag wins, over init_from's vocabulary too
+        if vocab_size < tokenizer.vocab_size:
+            raise UserError(f"--vocab-size {vocab_size} is smaller than the tokenizer's vocabulary "
+                            f"({tokenizer.vocab_size})")
         mcfg.vocab_size = vocab_size
-    if mcfg.vocab_size is None:
-        mcfg.vocab_size = tokenizer.vocab_size
-    if mcfg.vocab_size < tokenizer.vocab_size:
-        raise UserError(f"--vocab-size {mcfg.vocab_size} is smaller than the tokenizer's vocabulary "
-                        f"({tokenizer.vocab_size})")
     return mcfg
 
 

@@ -69,12 +69,19 @@ class VLModel(nn.Module):
         return n
 
     def regions_from_batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """Region features (B, K, D), boxes (B, K, 4), valid mask (B, K) from the batch (or images)."""
+        """Region features (B, K, D), boxes (B, K, 4), valid mask (B, K) from the batch (or images).
+
+        ``batch["zero_region_features"] = True`` zeroes every region feature (boxes kept), whether
+        the features come from the data or the backbone: evaluation's "blind" variants use it.
+        """
         if self.backbone is not None and batch.get("image") is not None:
             feats, boxes = self.backbone(batch["image"])
             mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
-            return feats, boxes, mask
-        return batch.get("features"), batch.get("boxes"), batch.get("region_mask")
+        else:
+            feats, boxes, mask = batch.get("features"), batch.get("boxes"), batch.get("region_mask")
+        if feats is not None and batch.get("zero_region_features"):
+            feats = torch.zeros_like(feats)
+        return feats, boxes, mask
 
     def forward(self, batch: dict[str, Any]) -> EncoderOutput:
         input_ids = batch.get("input_ids")  # (B, T)
