@@ -219,35 +219,43 @@ def ipot_plan(
         m_b = m.unsqueeze(2)  # (B, 1, 1)
         K = joint  # (B, N, M); T^0 = 1 on the real block (updated in place)
         Kt = K.transpose(1, 2)  # (B, M, N) view
+        # Preallocated buffers: at these sizes each torch call costs a few
+        # microseconds of dispatch, which allocation would add to.
+        rows = torch.empty_like(x_num)  # (B, 1, N)  n K q (+ padding guard)
+        cols = torch.empty_like(y_num)  # (B, 1, M)  m K^T p (+ padding guard)
+        p = torch.empty_like(x_num)  # (B, 1, N)
+        q = torch.empty_like(y_num)  # (B, 1, M)
         # q_init: the column scaling the inner loop starts from (q * sigma of
         # the previous iteration, in the representation's gauge; see below).
-        q_init = y_num  # (B, 1, M); sigma^0 = 1/m on real columns
-        q_prev = 1.0 / m_b  # (B, 1, 1)
+        q_init = y_num.clone()  # (B, 1, M); sigma^0 = 1/m on real columns
+        inv_m = (1.0 / m_b).expand_as(y_num)  # (B, 1, M)
+        q_prev = inv_m.clone()  # (B, 1, M)
         for it in range(iterations):
             K.mul_(A)  # Q = A * T = diag(p) K diag(q)
             # With Q = diag(p) K diag(q), the updates delta = 1/(n Q sigma) and
             # sigma = 1/(m Q^T delta) are a Sinkhorn step on K for the scalings
             # p' = p * delta and q' = q * sigma (p itself is not needed):
-            q = q_init
+            start = q_init
             for _ in range(inner_steps):
-                p = x_num / torch.baddbmm(x_den, q, Kt)  # (B, 1, N) = 1 / (n K q)
-                q = y_num / torch.baddbmm(y_den, p, K)  # (B, 1, M) = 1 / (m K^T p)
+                torch.div(x_num, torch.baddbmm(x_den, start, Kt, out=rows), out=p)  # 1 / (n K q)
+                torch.div(y_num, torch.baddbmm(y_den, p, K, out=cols), out=q)  # 1 / (m K^T p)
+                start = q
             # Now T = diag(delta) Q diag(sigma) = diag(p) K diag(q).  Gauge:
             # p / c and c * q give the same T, so the scalings may be carried
             # in any per-iteration gauge c_t.  Literally, sigma = q / q_prev
             # and the next start is q * sigma; but sigma ~ 1/m, so q would
             # shrink (and p grow) by ~m per iteration, out of fp32 range within
-            # a period.  We carry c_t = m^t instead: ratio = q / q_prev is then
+            # a period.  We carry c_t = m^t instead: q / q_prev is then
             # m * sigma, with q_prev = 1/m right after K was reset to T (where
             # the literal q is 1).
-            ratio = q / q_prev  # (B, 1, M) = m * sigma
+            torch.div(q, q_prev, out=q_init)  # m * sigma
             if (it + 1) % period == 0 or it + 1 == iterations:
                 K.mul_(p.transpose(1, 2)).mul_(q)  # K = T  (B, N, M)
-                q_init = ratio / m_b  # = sigma: T = K now
-                q_prev = 1.0 / m_b
+                q_init.div_(m_b)  # = sigma: T = K now
+                q_prev.copy_(inv_m)
             else:
-                q_init = q * ratio
-                q_prev = q
+                q_init.mul_(q)  # q * sigma, in the gauge
+                q_prev, q = q, q_prev  # swap buffers: q_prev holds this q
 
     return K
 
