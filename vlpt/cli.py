@@ -89,6 +89,15 @@ def _objectives(args) -> int:
     return 0
 
 
+def _delegate(module: str, func: str):
+    """A command implemented in its own module, imported only when it runs."""
+    def run(args) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), func)(args) or 0
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlpt", description="Single-stream vision-language pretraining with pluggable objectives.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -121,9 +130,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shard-size", type=int, default=2000)
     s.add_argument("--image-size", type=int, default=64)
     s.set_defaults(func=_data_shapes)
+    i = dsub.add_parser("inspect", help="count samples, histogram caption lengths and regions, list fields and bad samples",
+                        description="Read webdataset shards and summarise them: sample count, caption-length and "
+                                    "regions-per-image histograms, fields present, bad samples by reason.")
+    i.add_argument("shards", nargs="+", help="shard paths, brace patterns or globs")
+    i.add_argument("--limit", type=int, default=None, help="read at most this many samples")
+    i.add_argument("--json", action="store_true", help="print the summary as JSON")
+    i.set_defaults(func=_delegate("vlpt.data.inspect", "main"))
 
     o = sub.add_parser("objectives", help="list registered objectives and their options")
     o.set_defaults(func=_objectives)
+
+    n = sub.add_parser("new-objective", help="write a working objective plugin and its test, ready to edit")
+    n.add_argument("name", help="the objective's name (a Python identifier)")
+    n.add_argument("--dir", default=".", help="folder to write NAME.py and test_NAME.py into (default: .)")
+    n.add_argument("--force", action="store_true", help="overwrite existing files")
+    n.set_defaults(func=_delegate("vlpt.scaffold", "main"))
+
+    w = sub.add_parser("sweep", help="run a grid or list of recipe variants (ablations)")
+    w.add_argument("sweep", help="a sweep YAML file")
+    w.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                   help="local: run the variants in turn here; slurm: write an sbatch array script")
+    w.add_argument("--dry-run", action="store_true", help="list the variants (and write the script for slurm); run nothing")
+    w.add_argument("--only", nargs="*", default=None, help="run only these variants")
+    w.set_defaults(func=_delegate("vlpt.sweep", "sweep_main"))
+
+    r = sub.add_parser("report", help="compare the variants of a sweep: markdown table, CSV, PNG")
+    r.add_argument("sweep_dir", help="the sweep's output folder")
+    r.add_argument("--metrics", nargs="*", default=None, help="columns to show (default: every eval.json metric)")
+    r.set_defaults(func=_delegate("vlpt.sweep", "report_main"))
+
+    pl = sub.add_parser("plot", help="draw loss per task and eval metrics over steps to a PNG (needs matplotlib)")
+    pl.add_argument("run", help="a run folder (output_dir)")
+    pl.add_argument("--out", default=None, help="PNG path (default: RUN/metrics.png)")
+    pl.set_defaults(func=_delegate("vlpt.plot", "main"))
     return p
 
 
