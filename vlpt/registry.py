@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from .errors import UserError, did_you_mean
+from .errors import RecipeError, UserError, did_you_mean
 from .objective import MODALITIES, Objective
 
 ENTRY_POINT_GROUP = "vlpt.objectives"
@@ -41,15 +41,16 @@ def register_objective(name: str) -> Callable[[T], T]:
         unknown = set(cls.needs) - MODALITIES
         if unknown:
             raise UserError(f"objective '{name}' needs unknown modalities {sorted(unknown)}; use {sorted(MODALITIES)}")
+        source = _loading_source[-1] if _loading_source else cls.__module__
         old = _REGISTRY.get(name)
         if old is not None and _identity(old) != _identity(cls):
             raise UserError(
-                f"objective name '{name}' registered twice: by {_identity(old)} ({_SOURCES.get(name)}) "
-                f"and by {_identity(cls)}"
+                f"objective name '{name}' is registered twice: by {old.__qualname__} ({_SOURCES.get(name)}) "
+                f"and by {cls.__qualname__} ({source}); rename one of them"
             )
         cls.name = name
         _REGISTRY[name] = cls
-        _SOURCES[name] = _loading_source[-1] if _loading_source else cls.__module__
+        _SOURCES[name] = source
         return cls
 
     return wrap
@@ -60,30 +61,68 @@ def _identity(cls: type) -> str:
 
 
 def load_entry_points() -> None:
-    """Import every objective advertised in the ``vlpt.objectives`` group (once)."""
+    """Import every objective advertised in the ``vlpt.objectives`` group (once).
+
+    Each entry point names a module (or an ``Objective`` class) whose import registers
+    the objective called like the entry point. Two packages advertising one name, a
+    module that fails to import, or a module that registers no objective of its entry
+    point's name raise a :class:`UserError` naming the package.
+    """
     global _entry_points_loaded
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        dist = getattr(ep, "dist", None)
-        source = f"entry point {ep.name} ({dist.name if dist else ep.value})"
+    entry_points = list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    seen: dict[str, tuple[str, str]] = {}  # name -> (package, value): clashes are found before importing anything
+    for ep in entry_points:
+        package = _package(ep)
+        if ep.name in seen and seen[ep.name][1] != ep.value:
+            other_pkg, other_value = seen[ep.name]
+            raise UserError(
+                f"objective name '{ep.name}' is advertised twice in the '{ENTRY_POINT_GROUP}' entry points: "
+                f"by package {other_pkg} ({other_value}) and by package {package} ({ep.value}); uninstall one of them"
+            )
+        seen[ep.name] = (package, ep.value)
+    for ep in entry_points:
+        package = _package(ep)
+        source = f"package {package} ({ep.value})"
         _loading_source.append(source)
         try:
             obj = ep.load()
+        except UserError:  # e.g. a name it registers is taken: the message already says by whom
+            raise
         except Exception as e:  # a broken third-party package must not hide which one
-            raise UserError(f"objective plugin '{ep.value}' from {source} failed to import: {e!r}") from e
+            raise UserError(
+                f"objective plugin '{ep.value}' from {source} failed to import: {e!r} (fix or uninstall {package})"
+            ) from e
         finally:
             _loading_source.pop()
         if isinstance(obj, type) and issubclass(obj, Objective) and obj.name != ep.name:
-            register_objective(ep.name)(obj)
+            _loading_source.append(source)
+            try:
+                register_objective(ep.name)(obj)
+            finally:
+                _loading_source.pop()
+        if ep.name not in _REGISTRY:
+            raise UserError(
+                f"entry point '{ep.name}' of package {package} points at '{ep.value}', which registers no objective "
+                f"named '{ep.name}' (decorate the class with @register_objective('{ep.name}'))"
+            )
+
+
+def _package(ep) -> str:
+    dist = getattr(ep, "dist", None)
+    return dist.name if dist is not None else "?"
 
 
 def load_plugin(spec: str, base_dir: Path | None = None) -> None:
     """Import a plugin given as a module name (``my_pkg.objectives``) or a ``.py`` path.
 
-    Plugins are code by design: importing one runs it.
+    Relative paths are tried as given, then relative to ``base_dir`` (the recipe's
+    folder). Installed objectives load first, so a plugin that reuses one of their
+    names is the one the error names. Plugins are code by design: importing one runs it.
     """
+    load_entry_points()
     _loading_source.append(f"plugin {spec}")
     try:
         if spec.endswith(".py") or "/" in spec or "\\" in spec:
@@ -91,8 +130,10 @@ def load_plugin(spec: str, base_dir: Path | None = None) -> None:
             if not path.is_absolute() and base_dir is not None and not path.exists():
                 path = base_dir / path
             if not path.is_file():
-                raise UserError(f"plugins: file '{spec}' not found")
+                where = f" (looked in the current folder and in {base_dir})" if base_dir is not None else ""
+                raise UserError(f"plugins: file '{spec}' not found{where}")
             path = path.resolve()
+            _loading_source[-1] = f"plugin {path}"
             mod_name = "vlpt_plugin_" + "".join(c if c.isalnum() else "_" for c in str(path.with_suffix("")))
             if mod_name in sys.modules:
                 return
@@ -102,6 +143,7 @@ def load_plugin(spec: str, base_dir: Path | None = None) -> None:
             try:
                 mspec.loader.exec_module(module)
             except UserError:
+                del sys.modules[mod_name]
                 raise
             except Exception as e:
                 del sys.modules[mod_name]
@@ -137,3 +179,23 @@ def registered_objectives() -> dict[str, type[Objective]]:
 
 def objective_source(name: str) -> str:
     return _SOURCES.get(name, "?")
+
+
+def check_modalities(tasks, available: set[str], where: str) -> None:
+    """Raise a :class:`RecipeError` if a task's objectives need a modality ``available`` lacks.
+
+    ``tasks`` are resolved :class:`~vlpt.recipe.TaskSpec` objects; ``available`` is what a
+    source's samples carry (``vlpt.data.samples.modalities`` of its first usable sample);
+    ``where`` names the source (``"data.train.0 ('x.tar')"``). Every task reads every
+    source, so a source that cannot feed a task would otherwise stall it.
+    """
+    for task in tasks:
+        for spec in task.objectives:
+            missing = set(spec.cls.needs) - set(available)
+            if missing:
+                carried = "+".join(sorted(available)) or "nothing usable"
+                raise RecipeError(
+                    f"recipe key 'tasks.{task.name}.objectives.{spec.name}': objective '{spec.name}' needs "
+                    f"{'+'.join(sorted(spec.cls.needs))}, but the samples of {where} carry only {carried} "
+                    f"(missing: {', '.join(sorted(missing))})"
+                )
