@@ -9,6 +9,19 @@ Negatives come from a pool of recent samples in the same worker's stream and
 never pair an image with its own caption (the pool sample's key must differ),
 so they are re-drawn on every pass over the data.
 
+``negatives: hard`` (ALBEF) draws them inside the batch instead, where the model
+finds them hardest: ``prepare`` keeps every pair matched, and ``forward`` pairs each
+caption with another image of the batch drawn with probability ∝ softmax of their
+ITC similarity (its own image excluded), and each image with another caption the
+same way, then runs the trunk on those 2B negatives: B positives, 2B negatives.
+The similarities come from the ``itc`` objective, which must come *before* ``itm``
+in the same task (``{itc: 1.0, itm: {negatives: hard}}``) and leaves them in
+``batch["itc_similarity"]``: one set of unimodal passes serves both, and the
+negatives get harder as ITC learns. (Computing its own unimodal embeddings would
+need projections trained by a contrastive loss: that is ``itc``.) A batch has no
+identity beyond the sample, so two captions of one image count as negatives, as in
+ALBEF. With ``wra`` in the same task every pair is labeled matched.
+
 Evaluation reports ``itm_acc`` on balanced positives/negatives and zero-shot
 retrieval: each of ``eval.retrieval_candidates`` captions ranks as many images
 by the matched-class probability (``retrieval_t2i_r1/5/10``) and vice versa
@@ -17,6 +30,7 @@ by the matched-class probability (``retrieval_t2i_r1/5/10``) and vice versa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -27,6 +41,9 @@ from vlpt import EncoderOutput, Objective, ObjectiveOutput, register_objective
 
 #: the fields that make up "the image" of a sample
 IMAGE_FIELDS = ("features", "boxes", "soft_labels", "conf", "image")
+#: the same in a batch (indexed by sample on the first axis), and the caption's fields
+IMAGE_BATCH_FIELDS = ("features", "boxes", "region_mask", "region_masked", "soft_labels", "conf", "image")
+TEXT_BATCH_FIELDS = ("input_ids", "text_mask")
 
 
 def swap_image(sample: dict, other: dict) -> dict:
@@ -37,6 +54,35 @@ def swap_image(sample: dict, other: dict) -> dict:
     return out
 
 
+def hard_negatives(similarity: torch.Tensor, generator: torch.Generator | None = None):
+    """ALBEF's in-batch hard negatives from a (B, B) caption × image similarity (B >= 2).
+
+    Returns ``(image_for_caption, caption_for_image)``, each (B,): for caption i an image
+    j != i drawn with probability ∝ softmax(similarity[i]), and for image j a caption the
+    same way. The positive's weight is zeroed, so it is never drawn; the small floor
+    keeps every other candidate possible when the softmax underflows.
+    """
+    def draw(sim: torch.Tensor) -> torch.Tensor:
+        weights = F.softmax(sim.float(), dim=1) + 1e-5  # (B, B)
+        weights.fill_diagonal_(0)  # never the positive
+        return torch.multinomial(weights, 1, generator=generator).squeeze(1)  # (B,)
+
+    return draw(similarity), draw(similarity.t())
+
+
+def negative_pairs(batch: dict, image_for_caption: torch.Tensor, caption_for_image: torch.Tensor) -> dict:
+    """A batch of 2B mismatched pairs: every caption with its negative image, then every
+    image with its negative caption."""
+    neg = {k: v for k, v in batch.items() if not torch.is_tensor(v)}  # flags such as zero_region_features
+    for k in TEXT_BATCH_FIELDS:
+        if torch.is_tensor(batch.get(k)):
+            neg[k] = torch.cat([batch[k], batch[k][caption_for_image]])
+    for k in IMAGE_BATCH_FIELDS:
+        if torch.is_tensor(batch.get(k)):
+            neg[k] = torch.cat([batch[k][image_for_caption], batch[k]])
+    return neg
+
+
 @register_objective("itm")
 class ImageTextMatching(Objective):
     needs = {"text", "image"}
@@ -44,7 +90,8 @@ class ImageTextMatching(Objective):
 
     @dataclass
     class Options:
-        neg_prob: float = 0.5  # chance a caption is paired with another sample's image
+        neg_prob: float = 0.5  # chance a caption is paired with another sample's image (random negatives)
+        negatives: Literal["random", "hard"] = "random"  # hard: in-batch, by ITC similarity (needs itc first)
 
     def __init__(self, options: Options, model, tokenizer):
         super().__init__(options, model, tokenizer)
@@ -54,7 +101,7 @@ class ImageTextMatching(Objective):
 
     def prepare(self, sample, rng, pool=None):
         label = 1
-        if pool and rng.random() < self.options.neg_prob:
+        if self.options.negatives == "random" and pool and rng.random() < self.options.neg_prob:
             for _ in range(8):  # a pool sample with another key; give up (keep positive) if none
                 other = pool[rng.integers(len(pool))]
                 if other["key"] != sample["key"]:
@@ -64,8 +111,27 @@ class ImageTextMatching(Objective):
         return sample
 
     def forward(self, out: EncoderOutput, batch) -> ObjectiveOutput:
+        if self.options.negatives == "hard":
+            return self.forward_hard(out, batch)
         logits = self.head(out.pooled)  # (B, 2)
         target = batch["itm_label"]
+        loss = F.cross_entropy(logits.float(), target)
+        acc = (logits.argmax(-1) == target).float().mean()
+        return ObjectiveOutput(loss, {"acc": acc.detach()})
+
+    def forward_hard(self, out: EncoderOutput, batch) -> ObjectiveOutput:
+        similarity = batch.get("itc_similarity")  # (B, B), left by itc earlier in this task
+        if similarity is None:
+            raise KeyError("itm with negatives: hard needs the itc objective before it in the same task, "
+                           "e.g. tasks.itm.objectives: {itc: 1.0, itm: {negatives: hard}}")
+        pooled = out.pooled  # (B, H): the batch's matched pairs
+        B = pooled.shape[0]
+        if B >= 2:
+            neg = negative_pairs(batch, *hard_negatives(similarity))
+            pooled = torch.cat([pooled, out.model(neg).pooled])  # (3B, H)
+        logits = self.head(pooled)  # (3B, 2)
+        target = torch.zeros(pooled.shape[0], dtype=torch.long, device=pooled.device)
+        target[:B] = 1
         loss = F.cross_entropy(logits.float(), target)
         acc = (logits.argmax(-1) == target).float().mean()
         return ObjectiveOutput(loss, {"acc": acc.detach()})
