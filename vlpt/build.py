@@ -55,6 +55,7 @@ def build_model(recipe: Recipe, tasks: list[TaskSpec] | None = None, load_init: 
     tokenizer = TextTokenizer.from_path(default_tokenizer_path(recipe))
     mcfg = model_config(recipe, tokenizer.vocab_size)
     vl = VLModel(mcfg)
+    vl.trunk.activation_checkpointing = mcfg.activation_checkpointing
     if mcfg.init_from and load_init:
         load_bert_into(vl, mcfg.init_from)
     return Built(recipe, tasks, tokenizer, PretrainModel(vl, tasks, tokenizer))
@@ -93,10 +94,22 @@ def eval_collator(built: Built) -> Collator:
     return Collator(built.tokenizer.pad_id, pads)
 
 
-def data_loader(stream: TaskStream, num_workers: int) -> torch.utils.data.DataLoader:
-    kwargs = dict(batch_size=None, num_workers=num_workers)
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Data workers leave SIGTERM/SIGUSR1 to the training process: a cluster that signals
+    the whole process group must not kill the workers before the checkpoint is written."""
+    import signal
+
+    for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def data_loader(stream: TaskStream, num_workers: int, seed: int = 0) -> torch.utils.data.DataLoader:
+    # Its own generator: starting a loader's workers then draws nothing from torch's global
+    # generator, so dropout draws the same numbers in a resumed run as in an uninterrupted one.
+    kwargs = dict(batch_size=None, num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
     if num_workers > 0:
-        kwargs.update(persistent_workers=True, prefetch_factor=4)
+        kwargs.update(persistent_workers=True, prefetch_factor=4, worker_init_fn=_ignore_stop_signals)
     return torch.utils.data.DataLoader(stream, **kwargs)
 
 

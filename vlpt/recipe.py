@@ -55,6 +55,7 @@ class ModelConfig:
     init_from: Optional[str] = None  # a local Hugging Face BERT checkpoint folder (its sizes win)
     tokenizer: Optional[str] = None  # tokenizer.json / HF folder; None: tokenizer.json beside the train shards
     image_backbone: Optional[BackboneConfig] = None
+    activation_checkpointing: bool = False  # recompute trunk layers in backward: less memory, ~1/3 more compute
 
 
 @dataclass
@@ -112,6 +113,7 @@ class TrainConfig:
     clip: Optional[float] = 5.0  # gradient-norm clip; null for none
     precision: Literal["no", "bf16", "fp16"] = "no"
     threads: Optional[int] = None  # torch CPU threads; None: torch's default
+    max_bad_steps: int = 10  # non-finite loss or gradients: the update is skipped; stop after this many in a row
 
 
 @dataclass
@@ -127,6 +129,8 @@ class EvalConfig:
 class LogConfig:
     every: int = 10  # metrics.jsonl line every N steps
     progress: bool = True  # progress bar
+    trackers: list[str] = field(default_factory=list)  # also log to "tensorboard" and/or "wandb" (optional extras)
+    project: Optional[str] = None  # tracker project name; None: the output_dir's name
 
 
 @dataclass

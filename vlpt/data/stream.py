@@ -13,6 +13,13 @@ each rank reads its own part of the stream:
 
 The stream is endless (epochs repeat), so every rank can run exactly
 ``train.steps`` updates, whatever the shard sizes.
+
+Exact resume: every stage is deterministic given (seed, task, slot), so the
+data cursor is just the number of batches the trainer has taken from the
+task's loader. A resumed stream replays its slot's share of them (decoding,
+preparing and batching, but not collating) and yields from the next one on:
+no sample is seen twice or skipped compared with an uninterrupted run.
+Replay costs about the decode time of the samples already trained on.
 """
 from __future__ import annotations
 
@@ -103,11 +110,22 @@ class TaskStream(IterableDataset):
         self.skipped: Counter = Counter()
         self.read = 0  # samples this slot tried to decode (the denominator of the bad fraction)
         self.warn = RateLimitedWarner()
+        #: batches of this task already trained on (all workers of this rank together): replayed, not yielded
+        self.resume_batches = 0
 
     # -- stages ----------------------------------------------------------------------
-    def _slot(self) -> tuple[int, int]:
+    def _worker(self) -> tuple[int, int]:
+        """(worker id, workers) as the uninterrupted run numbered them.
+
+        The loader takes batch j from worker j % num_workers, starting again from worker 0
+        when a resumed run builds it; after ``resume_batches`` batches the next one is due
+        from the worker numbered ``resume_batches % num_workers`` in the original count."""
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        return (wid + self.resume_batches) % nw, nw
+
+    def _slot(self) -> tuple[int, int]:
+        wid, nw = self._worker()
         return self.rank * nw + wid, self.world_size * nw
 
     def _source_samples(self, index: int, source: Source, slot: int, slots: int) -> Iterator[dict]:
@@ -174,8 +192,14 @@ class TaskStream(IterableDataset):
                     continue  # let a few samples in before drawing negatives from the pool
             yield self.prepare(dict(s), rng, pool)
 
+    def _replayed(self) -> int:
+        """How many of the ``resume_batches`` already trained on this worker made."""
+        wid, nw = self._worker()
+        return max(0, (self.resume_batches - wid + nw - 1) // nw)
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         slot, slots = self._slot()
+        replay = self._replayed()
         rng = np.random.default_rng([self.seed, self.stream_id, slot])
         if get_worker_info() is not None:
             torch.set_num_threads(1)  # workers do numpy work; leave the cores to the training step
@@ -185,6 +209,11 @@ class TaskStream(IterableDataset):
         for group in bucket_batches(
             views, sample_length, rng, self.batch_tokens, self.batch_size, self.bucket_size, self.size_multiple
         ):
+            if replay:  # trained on before a resume: the trainer restored its counts of these
+                replay -= 1
+                if not replay:
+                    reported, read_reported = Counter(self.skipped), self.read
+                continue
             batch = self.collator(group)
             # counts since the previous batch: the trainer sums them over workers and tasks
             batch["data_skipped"] = dict(self.skipped - reported)

@@ -1,9 +1,13 @@
 """Checkpoints: ``checkpoints/step-NNNNNNN/`` with ``model.safetensors`` holding every weight.
 
-Training state (optimizer, schedule, step) sits beside it in ``trainer.pt``,
-loaded with ``torch.load(weights_only=True)``: a checkpoint is data, never code.
-A checkpoint is written to a temporary folder and renamed, so a crash never
-leaves a half-written ``step-*`` folder behind.
+Beside it: ``trainer.pt`` (optimizer, schedule, grad scaler), ``state.json``
+(step, batches consumed per task: the data cursor) and one ``rank-NNNNN.pt``
+per process (its RNG states and bad-sample counts), all loaded with
+safetensors or ``torch.load(weights_only=True)``: a checkpoint is data, never
+code. A checkpoint is staged in a temporary folder (every rank writes its file
+there) and renamed by the main process, so a crash never leaves a half-written
+``step-*`` folder behind; a latest checkpoint that cannot be read anyway (a
+truncated file on a full disk, say) is skipped for the one before it.
 """
 from __future__ import annotations
 
@@ -31,19 +35,33 @@ def step_of(ckpt: Path) -> int:
     return int(STEP_RE.match(ckpt.name).group(1))
 
 
+def staging_dir(output_dir: str | Path, step: int, fresh: bool = True) -> Path:
+    """The temporary folder a checkpoint is written into before it is renamed to ``step-*``."""
+    tmp = Path(output_dir) / "checkpoints" / f".tmp-step-{step:07d}"
+    if fresh:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    return tmp
+
+
+def rank_file(ckpt: Path, rank: int) -> Path:
+    return Path(ckpt) / f"rank-{rank:05d}.pt"
+
+
 def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, optimizer=None, scheduler=None,
-                    extra: dict | None = None, keep: int | None = None) -> Path:
+                    extra: dict | None = None, keep: int | None = None, staged: bool = False,
+                    scaler=None) -> Path:
+    """Write ``step-NNNNNNN``; with ``staged``, other ranks have already put their files in :func:`staging_dir`."""
     root = Path(output_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = staging_dir(output_dir, step, fresh=not staged)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "step": str(step)})
     if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None},
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+                    "scaler": scaler.state_dict() if scaler is not None else None},
                    tmp / "trainer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2) + "\n")
     if final.exists():
@@ -69,3 +87,23 @@ def load_trainer_state(ckpt: str | Path) -> dict | None:
 
 def read_state(ckpt: str | Path) -> dict:
     return json.loads((Path(ckpt) / "state.json").read_text())
+
+
+def load_rank_state(ckpt: str | Path, rank: int) -> dict | None:
+    path = rank_file(Path(ckpt), rank)
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def readable(ckpt: Path, rank: int) -> str | None:
+    """Why ``ckpt`` cannot be resumed from on ``rank`` (None if it can): every file is read in full."""
+    try:
+        state = read_state(ckpt)
+        int(state["step"])
+        load_file(str(ckpt / "model.safetensors"))
+        load_trainer_state(ckpt)
+        load_rank_state(ckpt, rank)
+    except Exception as e:  # a truncated or missing file shows up as any of several errors
+        return f"{type(e).__name__}: {e}".splitlines()[0][:200]
+    return None

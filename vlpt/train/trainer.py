@@ -4,13 +4,19 @@ Accelerate owns devices, processes, mixed precision and the gradient scaler. The
 data loaders are *not* passed to ``accelerator.prepare``: each rank's stream is
 already split inside the pipeline (``vlpt.data.stream``), and preparing a
 webdataset loader would either read everything on rank 0 or split twice.
+
+Runs survive: a checkpoint holds everything an uninterrupted run would still
+have in memory (weights, optimizer, schedule, scaler, every RNG of every rank,
+batches consumed per task, bad-sample counts), so a resumed run continues
+bit for bit. SIGTERM or SIGUSR1 makes every rank stop at the next step
+boundary, checkpoint and exit 0 (a cluster requeue then resumes).
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
+import signal
 import sys
 import time
 from collections import Counter
@@ -27,7 +33,9 @@ from ..data.sources import resolve_sources
 from ..errors import UserError
 from ..eval import EvalData, evaluate, load_samples
 from ..recipe import Recipe, to_dict
-from .checkpoint import checkpoint_dirs, load_model_weights, load_trainer_state, read_state, save_checkpoint, step_of
+from . import rng
+from .checkpoint import (checkpoint_dirs, load_model_weights, load_rank_state, load_trainer_state, rank_file,
+                         read_state, readable, save_checkpoint, staging_dir)
 from .flops import device_peak_flops, train_step_flops
 from .mixing import TaskMixer
 from .optim import build_optimizer, build_scheduler
@@ -46,6 +54,22 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)
+
+
+def tracker_names(recipe: Recipe) -> list[str]:
+    """The recipe's trackers, checked to be known and installed (a missing extra is a user error)."""
+    known = {"tensorboard": "tensorboard", "wandb": "wandb"}
+    for name in recipe.log.trackers:
+        if name not in known:
+            raise UserError(f"log.trackers: unknown tracker {name!r}; known: {', '.join(known)}")
+        try:
+            __import__(known[name] if name != "tensorboard" else "torch.utils.tensorboard")
+        except ImportError:
+            raise UserError(f"log.trackers: {name} is not installed; pip install 'vlpt[{name}]'") from None
+    return list(recipe.log.trackers)
+
+
 def make_accelerator(recipe: Recipe):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
@@ -57,7 +81,9 @@ def make_accelerator(recipe: Recipe):
     ddp = DistributedDataParallelKwargs(find_unused_parameters=len(recipe.tasks) > 1 or recipe.mixing == "sample")
     # several processes and no GPU (e.g. torchrun on CPUs): accelerate only sets up gloo ranks when told cpu=True
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    return Accelerator(mixed_precision=precision, kwargs_handlers=[ddp], cpu=multi_cpu)
+    trackers = tracker_names(recipe)
+    return Accelerator(mixed_precision=precision, kwargs_handlers=[ddp], cpu=multi_cpu,
+                       log_with=trackers or None, project_dir=recipe.output_dir if trackers else None)
 
 
 def batch_stats(batch: dict) -> tuple[int, int, int]:
@@ -100,20 +126,31 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, recipe.train)
         self.start_step = 0
         self.resumed_from = None
-        ckpts = checkpoint_dirs(self.out) if resume else []
-        if ckpts:
-            self._resume(ckpts[-1])
+        self.consumed: Counter = Counter()  # batches taken from each task's loader: the data cursor
+        self.skipped: Counter = Counter()
+        self.read = 0
+        rank_state = None
+        ckpt = self._pick_checkpoint() if resume else None
+        if ckpt is not None:
+            rank_state = self._resume(ckpt)
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
         self.mixer = TaskMixer([t.name for t in tasks], [t.weight for t in tasks], recipe.mixing, recipe.seed)
         streams = task_streams(self.built, self.sources, acc.process_index, acc.num_processes)
-        self.loaders = {name: data_loader(s, recipe.data.num_workers) for name, s in streams.items()}
+        for name, s in streams.items():
+            s.resume_batches = self.consumed[name]
+        self.loaders = {name: data_loader(s, recipe.data.num_workers, seed=recipe.seed)
+                        for name, s in streams.items()}
         self.iters: dict[str, Any] = {}
         self.metrics = MetricsLog(self.out / "metrics.jsonl", acc.is_main_process)
         self.vl_config = model.vl.config
         self.peak_flops, self.peak_source = device_peak_flops(acc.device, recipe.train.precision)
-        self.skipped: Counter = Counter()
-        self.read = 0
         self._eval_data = None
+        self.bad_in_row = 0
+        self.bad_updates = 0
+        self.stop_signal: int | None = None
+        self._ctl_group = None
+        if rank_state is not None:
+            rng.restore(rank_state["rng"])  # last: nothing above may draw after this
 
     # -- set-up ------------------------------------------------------------------------
     def _check_output_dir(self, resume: bool, force: bool) -> None:
@@ -129,21 +166,72 @@ class Trainer:
                     p = self.out / name
                     shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
-    def _resume(self, ckpt: Path) -> None:
+    def _pick_checkpoint(self) -> Path | None:
+        """The newest checkpoint every rank can read; an unreadable one is skipped with a warning."""
+        acc = self.accelerator
+        found = checkpoint_dirs(self.out)
+        chosen = -1
+        for i in range(len(found) - 1, -1, -1):
+            why = readable(found[i], acc.process_index)
+            if why is None:
+                chosen = i
+                break
+            if acc.is_main_process:
+                print(f"vlpt: warning: checkpoint {found[i]} cannot be read ({why}); trying the one before it",
+                      file=sys.stderr)
+        if acc.num_processes > 1:  # the newest one that every rank can read
+            chosen = int(acc.gather(torch.tensor([chosen], device=acc.device)).min())
+        if chosen < 0:
+            if found:
+                raise UserError(f"no checkpoint in {self.out / 'checkpoints'} can be read; "
+                                "use --no-resume --force to start over")
+            return None
+        return found[chosen]
+
+    def _resume(self, ckpt: Path) -> dict | None:
         load_model_weights(self.built.model, ckpt)
         state = load_trainer_state(ckpt)
         if state is not None:
             self.optimizer.load_state_dict(state["optimizer"])
             if state.get("scheduler"):
                 self.scheduler.load_state_dict(state["scheduler"])
-        self.start_step = read_state(ckpt)["step"]
+            if state.get("scaler") and self.accelerator.scaler is not None:
+                self.accelerator.scaler.load_state_dict(state["scaler"])
+        info = read_state(ckpt)
+        self.start_step = info["step"]
+        self.consumed = Counter(info.get("consumed", {}))
         self.resumed_from = ckpt
+        rank_state = load_rank_state(ckpt, self.accelerator.process_index)
+        if rank_state is not None:
+            self.skipped = Counter(rank_state.get("skipped", {}))
+            self.read = int(rank_state.get("read", 0))
+        elif info.get("consumed"):
+            print(f"vlpt: warning: {ckpt} has no state for rank {self.accelerator.process_index}: RNG states "
+                  "start fresh, so the run will not repeat an uninterrupted one exactly", file=sys.stderr)
+        if self.accelerator.is_main_process:
+            self._truncate_metrics(self.start_step)
+        return rank_state
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metrics.jsonl lines past the checkpoint: the resumed run logs those steps again."""
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                pass  # a line cut short by a kill
+        path.write_text("".join(l + "\n" for l in keep))
 
     def _next_batch(self, task: str) -> tuple[dict, tuple[int, int, int]]:
         """The task's next batch on the device, and its (samples, real tokens, padded tokens)."""
         if task not in self.iters:
             self.iters[task] = iter(self.loaders[task])
         batch = next(self.iters[task])
+        self.consumed[task] += 1
         self.skipped.update(batch.pop("data_skipped", {}) or {})
         self.read += int(batch.pop("data_read", 0) or 0)
         return move_to(batch, self.accelerator.device), batch_stats(batch)
@@ -178,14 +266,34 @@ class Trainer:
                 flops += train_step_flops(self.vl_config, size, padded // max(size, 1))
             record[f"loss/{task}"] = task_loss
             total_loss += task_loss * self.mixer.loss_scale(task)
-        if cfg.clip:
-            record["grad_norm"] = acc.clip_grad_norm_(model.parameters(), cfg.clip)
-        self.optimizer.step()
-        self.scheduler.step()
+        # the norm of the synchronized gradients: the same on every rank, so all ranks skip together
+        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.clip or float("inf"))
+        record["grad_norm"] = grad_norm
+        # One host sync per update. With fp16 the grad scaler skips overflowing updates itself
+        # (and lowers its scale); otherwise a non-finite gradient skips the update here.
+        if acc.scaler is None and not bool(torch.isfinite(grad_norm)):
+            self._bad_update(step, tasks)
+        else:
+            self.bad_in_row = 0
+            self.optimizer.step()
+        self.scheduler.step()  # a skipped update still advances the schedule: lr stays a function of the step
         self.optimizer.zero_grad(set_to_none=True)
         record.update(task=tasks[0] if len(tasks) == 1 else "+".join(tasks), loss=total_loss,
                       samples=samples, tokens=real_tokens, padded_tokens=padded_tokens, flops=flops)
         return record
+
+    def _bad_update(self, step: int, tasks: list[str]) -> None:
+        self.bad_in_row += 1
+        self.bad_updates += 1
+        limit = self.recipe.train.max_bad_steps
+        where = f"step {step + 1}, task {'+'.join(tasks)}"
+        if self.bad_in_row >= limit:
+            raise UserError(f"stopping at {where}: the loss or gradients were not finite in {self.bad_in_row} updates "
+                            f"in a row (train.max_bad_steps = {limit}); lower train.lr, check the data, or resume "
+                            "from an earlier checkpoint")
+        if self.accelerator.is_main_process:
+            print(f"vlpt: warning: non-finite loss or gradients at {where}: update skipped "
+                  f"({self.bad_in_row} in a row, stop at {limit})", file=sys.stderr)
 
     def check_bad_fraction(self, step: int) -> None:
         """Stop (on every rank at once) when too many samples were skipped as bad."""
@@ -221,15 +329,72 @@ class Trainer:
         return result
 
     def save(self, step: int) -> None:
+        """Every rank stages its RNG states and counts, then the main process writes the rest and renames."""
         acc = self.accelerator
         acc.wait_for_everyone()
         if acc.is_main_process:
-            save_checkpoint(self.out, step, acc.unwrap_model(self.model), self.optimizer, self.scheduler,
-                            keep=self.recipe.checkpoint.keep)
+            staging_dir(self.out, step)
         acc.wait_for_everyone()
+        torch.save({"rng": rng.capture(), "skipped": dict(self.skipped), "read": self.read,
+                    "consumed": dict(self.consumed), "fingerprint": self._fingerprint()},
+                   rank_file(staging_dir(self.out, step, fresh=False), acc.process_index))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            save_checkpoint(self.out, step, acc.unwrap_model(self.model), self.optimizer, self.scheduler,
+                            extra={"consumed": dict(self.consumed), "bad_updates": self.bad_updates},
+                            keep=self.recipe.checkpoint.keep, staged=True, scaler=acc.scaler)
+        acc.wait_for_everyone()
+
+    def _fingerprint(self) -> torch.Tensor:
+        """Sum and sum of squares of every weight, in float64: ranks holding the same weights write the
+        same numbers, so replicas that drifted apart show up by comparing the rank files."""
+        with torch.no_grad():
+            parts = [torch.stack([p.double().sum(), p.double().pow(2).sum()]) for p in self.model.parameters()]
+        return torch.stack(parts).cpu()
+
+    # -- preemption ---------------------------------------------------------------------
+    def _install_signal_handlers(self) -> dict:
+        """Catch SIGTERM/SIGUSR1 (returns the previous handlers, restored by :meth:`_close`)."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        def handler(signum, frame):
+            self.stop_signal = signum
+        previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+        if self.accelerator.num_processes > 1:  # a CPU side channel: agreeing on a stop never waits for the GPU
+            import torch.distributed as dist
+
+            self._ctl_group = dist.new_group(backend="gloo")
+        return previous
+
+    def _close(self, previous_handlers: dict) -> None:
+        """Stop the data workers now (they ignore stop signals, so they must be asked) and
+        give the signals back."""
+        self.iters.clear()  # each loader iterator shuts its workers down when dropped
+        for sig, h in previous_handlers.items():
+            signal.signal(sig, h)
+
+    def _stop_requested(self) -> bool:
+        """True on every rank once any rank got SIGTERM/SIGUSR1."""
+        flag = self.stop_signal is not None
+        if self._ctl_group is not None:
+            import torch.distributed as dist
+
+            t = torch.tensor([int(flag)])
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._ctl_group)
+            flag = bool(t.item())
+        return flag
 
     # -- the loop -----------------------------------------------------------------------
     def fit(self) -> dict[str, float] | None:
+        previous = self._install_signal_handlers()
+        try:
+            return self._fit()
+        finally:
+            self._close(previous)
+
+    def _fit(self) -> dict[str, float] | None:
         r, acc = self.recipe, self.accelerator
         steps = r.train.steps
         if acc.is_main_process:
@@ -241,6 +406,9 @@ class Trainer:
             print(f"vlpt: {where}: {steps} steps, tasks {', '.join(r.tasks)} ({r.mixing}), "
                   f"{n / 1e6:.1f}M parameters, {acc.num_processes} process(es) on {acc.device}, output in {self.out}",
                   file=sys.stderr)
+        if acc.log_with:
+            flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flatten(to_dict(r)).items()}
+            acc.init_trackers(r.log.project or self.out.name, config=flat)
         self.model.train()
         bar = None
         if r.log.progress and acc.is_main_process:
@@ -275,8 +443,12 @@ class Trainer:
                 rec.update({f"data/skipped/{k}": v for k, v in self.skipped.items()})
                 if acc.device.type == "cuda":
                     rec["peak_memory_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
+                if self.bad_updates:
+                    rec["bad_updates"] = self.bad_updates
                 first = ("step", "task", "loss", "lr", "samples_per_s")  # the contract's keys lead each line
                 self.metrics.write({**{k: rec[k] for k in first}, **rec})
+                if acc.log_with:
+                    acc.log({k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"}, step=done)
                 t_last, samples_since, tokens_since, flops_since = now, 0, 0, 0.0
                 if bar is not None:
                     rate = samples_total / max(now - t_start, 1e-9)
@@ -289,6 +461,17 @@ class Trainer:
             if r.checkpoint.every and done % r.checkpoint.every == 0 and done != steps:
                 self.save(done)
                 last_saved = done
+            if done != steps and self._stop_requested():
+                if bar is not None:
+                    bar.close()
+                if last_saved != done:
+                    self.save(done)
+                if acc.is_main_process:
+                    name = signal.Signals(self.stop_signal).name if self.stop_signal else "a stop signal on another rank"
+                    print(f"vlpt: {name} received: stopped at step {done} of {steps} with a checkpoint; "
+                          f"run the same command to resume", file=sys.stderr)
+                acc.end_training()
+                return None
         if bar is not None:
             bar.close()
         if r.checkpoint.at_end and last_saved != steps:
@@ -308,6 +491,16 @@ class Trainer:
                   f"(resumes from the latest checkpoint)", file=sys.stderr)
         acc.end_training()
         return result
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def train(recipe: Recipe, resume: bool = True, force: bool = False) -> dict[str, float] | None:
