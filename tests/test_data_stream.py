@@ -100,3 +100,40 @@ def test_two_sources_mixed_three_to_one(tmp_path):
     keys = [k for _ in range(40) for k in next(it)["key"]]  # 2000 samples
     share = sum(k.startswith("coco") for k in keys) / len(keys)
     assert abs(share - 0.75) < 0.05 * 0.75, share
+
+
+def _first_keys(stream, n):
+    """Keys of the first ``n`` clean samples the stream's source stage gives this reader."""
+    slot, slots = stream._slot()
+    it = stream._source_samples(0, stream.sources[0], slot, slots)
+    return [next(it)["key"] for _ in range(n)]
+
+
+def test_epochs_split_shards_and_resampling_draws_them_per_reader(built, tmp_path):
+    import webdataset as wds
+
+    from vlpt.data.shapes import make_sample
+    from vlpt.data.stream import Source
+
+    b, sources = built
+    urls = []
+    for s in range(4):  # at least one shard per reader
+        urls.append(str(tmp_path / f"part-{s}.tar"))
+        with wds.TarWriter(urls[-1]) as w:
+            for i in range(40):
+                w.write({"__key__": f"s{s}-{i:03d}", **make_sample(np.random.default_rng([s, i]))})
+    shards = Source(urls)
+    per_epoch = {}
+    for resample in (False, True):
+        keys = []
+        for rank in (0, 1):
+            s = task_streams(b, [shards], rank=rank, world_size=2)["mlm"]
+            s.resample = resample
+            keys.append(_first_keys(s, 60))
+            assert keys[-1] == _first_keys(s, 60)  # deterministic: what exact resume replays
+        per_epoch[resample] = keys
+    # epochs: the two ranks read different shards; resampling: each rank draws its own shards
+    assert per_epoch[False][0] != per_epoch[False][1]
+    assert per_epoch[True][0] != per_epoch[True][1]
+    auto = task_streams(b, [shards], rank=0, world_size=2)["mlm"]
+    assert auto._resampling(shards, 2) and not auto._resampling(Source(sources[0].urls[:1]), 2)

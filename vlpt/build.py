@@ -83,6 +83,7 @@ def task_streams(built: Built, sources: list[Source], rank: int = 0, world_size:
             batch_tokens=d.batch_tokens, batch_size=d.batch_size, bucket_size=d.bucket_size,
             size_multiple=d.size_multiple, shuffle_buffer=d.shuffle_buffer,
             pool_size=64 if pipe.wants_pool else 0, seed=r.seed, stream_id=i, rank=rank, world_size=world_size,
+            resample="auto" if d.resample is None else d.resample,
         )
     return streams
 

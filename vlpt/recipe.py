@@ -88,6 +88,9 @@ class DataConfig:
     max_regions: int = 100  # regions beyond this are dropped (highest confidence kept)
     num_workers: int = 1  # data-loader workers per task
     shuffle_buffer: int = 1000  # samples in the shuffle buffer
+    # shards drawn with replacement by each rank and worker (no epochs); null: when several ranks
+    # run and a source has at least one shard per reader, else shuffled epochs split across readers
+    resample: Optional[bool] = None
     cache_dir: Optional[str] = None  # where generated data goes; default $VLPT_CACHE or ~/.cache/vlpt
     max_bad_fraction: float = 0.01  # stop when more than this fraction of samples read is skipped as bad
 

@@ -94,6 +94,7 @@ class TaskStream(IterableDataset):
         stream_id: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        resample: bool | str = "auto",
     ):
         super().__init__()
         self.sources = sources
@@ -107,6 +108,7 @@ class TaskStream(IterableDataset):
         self.shuffle_buffer, self.pool_size = shuffle_buffer, pool_size
         self.seed, self.stream_id = seed, stream_id
         self.rank, self.world_size = rank, world_size
+        self.resample = resample
         self.skipped: Counter = Counter()
         self.read = 0  # samples this slot tried to decode (the denominator of the bad fraction)
         self.warn = RateLimitedWarner()
@@ -128,13 +130,31 @@ class TaskStream(IterableDataset):
         wid, nw = self._worker()
         return self.rank * nw + wid, self.world_size * nw
 
-    def _source_samples(self, index: int, source: Source, slot: int, slots: int) -> Iterator[dict]:
+    def _resampling(self, source: Source, slots: int) -> bool:
+        if self.resample == "auto":  # several ranks and enough shards that each slot reads its own
+            return self.world_size > 1 and len(source.urls) >= slots
+        return bool(self.resample)
+
+    def _shard_orders(self, index: int, source: Source, slot: int, slots: int) -> Iterator[tuple[list[str], bool]]:
+        """Per pass: the shards this slot reads, and whether it keeps every sample of them.
+
+        Epochs: all slots share one permutation per epoch and split it by shard (or, with
+        fewer shards than slots, by sample index). Resampling: each slot draws shards with
+        replacement from its own generator, so no slot ever waits for an epoch to end."""
+        if self._resampling(source, slots):
+            rs = np.random.default_rng([self.seed, index, slot, 0x5A3])
+            while True:
+                yield [source.urls[i] for i in rs.integers(len(source.urls), size=len(source.urls))], True
         epoch = 0
         while True:
             order = np.random.default_rng([self.seed, index, epoch]).permutation(len(source.urls))
             urls = [source.urls[i] for i in order]
             by_shard = len(urls) >= slots
-            mine = urls[slot::slots] if by_shard else urls
+            yield (urls[slot::slots] if by_shard else urls), by_shard
+            epoch += 1
+
+    def _source_samples(self, index: int, source: Source, slot: int, slots: int) -> Iterator[dict]:
+        for mine, by_shard in self._shard_orders(index, source, slot, slots):
             seen = 0
             n = 0
             for url in mine:
@@ -155,9 +175,8 @@ class TaskStream(IterableDataset):
             if seen == 0:
                 raise RuntimeError(
                     f"data source {index} gave no usable sample to rank {self.rank} (slot {slot}/{slots}) "
-                    f"in a whole pass over {len(urls)} shard(s); skipped so far: {dict(self.skipped)}"
+                    f"in a whole pass over {len(source.urls)} shard(s); skipped so far: {dict(self.skipped)}"
                 )
-            epoch += 1
 
     def _count(self, reason: str, detail: str = "") -> None:
         self.skipped[reason] += 1
