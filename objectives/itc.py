@@ -107,7 +107,8 @@ def contrastive_loss(text: torch.Tensor, image: torch.Tensor, scale: torch.Tenso
     logits_t2i = scale * text @ all_image.t()  # (B, N): my captions against every image
     logits_i2t = scale * image @ all_text.t()  # (B, N): my images against every caption
     loss = (F.cross_entropy(logits_t2i.float(), target) + F.cross_entropy(logits_i2t.float(), target)) / 2
-    acc = ((logits_t2i.argmax(-1) == target).float().mean() + (logits_i2t.argmax(-1) == target).float().mean()) / 2
+    acc = ((logits_t2i.argmax(-1) == target).float().mean() + (logits_i2t.argmax(-1) == target).float().mean())
+    acc = acc / 2
     return loss, (text @ image.t()).detach(), acc
 
 
@@ -122,7 +123,7 @@ class ImageTextContrastive(Objective):
         min_temperature: float = 0.01  # CLIP caps the logit scale at 100
         max_temperature: float = 0.5  # ALBEF's upper clamp
         learn_temperature: bool = True
-        text_pool: Literal["mean", "cls"] = "mean"  # a caption's embedding: mean of its token states, or pooled [CLS]
+        text_pool: Literal["mean", "cls"] = "mean"  # a caption's embedding: mean of token states, or pooled [CLS]
 
     def __init__(self, options: Options, model, tokenizer):
         super().__init__(options, model, tokenizer)
@@ -137,7 +138,8 @@ class ImageTextContrastive(Objective):
             nn.init.normal_(proj.weight, std=0.02)
             nn.init.zeros_(proj.bias)
         # log(1/τ), as CLIP parametrizes it: steps in log space suit a scale that spans 2-100
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / o.temperature)), requires_grad=o.learn_temperature)
+        log_scale = torch.tensor(math.log(1 / o.temperature))
+        self.logit_scale = nn.Parameter(log_scale, requires_grad=o.learn_temperature)
 
     @property
     def temperature(self) -> float:
@@ -158,19 +160,21 @@ class ImageTextContrastive(Objective):
             m = batch["text_mask"].unsqueeze(-1).to(words.dtype)  # (B, T, 1)
             text = (words * m).sum(1) / m.sum(1).clamp_min(1)  # (B, H): mean over the caption's tokens
         regions = model(image_only(batch)).regions  # (B, K, H)
-        mask = batch.get("region_mask")  # (B, K); absent with an image backbone, whose grid cells are all real
+        mask = batch.get("region_mask")  # (B, K); absent with an image backbone (every grid cell is real)
         if mask is None:
             image = regions.mean(1)  # (B, H)
         else:
             m = mask.unsqueeze(-1).to(regions.dtype)  # (B, K, 1)
             image = (regions * m).sum(1) / m.sum(1).clamp_min(1)  # (B, H): mean over real regions
-        return F.normalize(self.text_proj(text).float(), dim=-1), F.normalize(self.image_proj(image).float(), dim=-1)
+        text = F.normalize(self.text_proj(text).float(), dim=-1)  # (B, d)
+        image = F.normalize(self.image_proj(image).float(), dim=-1)  # (B, d)
+        return text, image
 
     def forward(self, out: EncoderOutput, batch) -> ObjectiveOutput:
         if "itm_label" in batch and bool((batch["itm_label"] == 0).any()):
-            raise ValueError("itc needs matched image-text pairs, but an objective before it in this task swapped "
-                             "images (itm with random negatives): use itm: {negatives: hard} beside itc, "
-                             "or give itc a task of its own")
+            raise ValueError("itc needs matched image-text pairs, but an objective before it in this task "
+                             "swapped images (itm with random negatives): use itm: {negatives: hard} beside "
+                             "itc, or give itc a task of its own")
         self.clamp_temperature()
         scale = self.logit_scale.exp()  # 1/τ
         text, image = self.embed(out.model, batch)

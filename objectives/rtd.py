@@ -94,7 +94,8 @@ class ReplacedTokenDetection(Objective):
         labels = batch["rtd_labels"]  # (B, T): original id where selected, IGNORE elsewhere
         selected = labels != IGNORE
         # generator: a small MLM over the masked caption alone
-        g = self.generator(self.gen_in(model.text_embedder(batch["input_ids"])), batch["text_mask"])  # (B, T, h)
+        x = self.gen_in(model.text_embedder(batch["input_ids"]))  # (B, T, h): the shared embeddings, narrowed
+        g = self.generator(x, batch["text_mask"])  # (B, T, h)
         gen_logits = F.linear(self.gen_head(g[selected]), model.word_embeddings.weight, self.gen_bias)  # (n, V)
         target = labels[selected]  # (n,)
         # corrupt: the original caption with sampled words at the selected positions
@@ -118,7 +119,7 @@ class ReplacedTokenDetection(Objective):
             "disc_loss": disc_loss.detach(),
             "gen_acc": (r["gen_logits"].argmax(-1) == r["target"]).float().mean().detach(),
             "disc_acc": ((r["disc_logits"] > 0) == r["replaced"]).float().mean().detach(),
-            "replaced": r["replaced"].float().mean().detach(),  # fraction of text tokens the generator changed
+            "replaced": r["replaced"].float().mean().detach(),  # fraction of text tokens replaced
         })
 
     @torch.no_grad()

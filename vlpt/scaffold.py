@@ -180,7 +180,8 @@ def write_recipe(folder: Path, steps: int = 5) -> Path:
         "plugins": [str(PLUGIN)],
         "model": {"hidden_size": 32, "layers": 2, "heads": 2, "ffn_size": 64, "max_positions": 64,
                   "region_feature_dim": 192},  # the shapes data's region features are 192-d
-        "data": {"train": [{"shapes": {"samples": 200, "seed": 0}}], "val": {"shapes": {"samples": 40, "seed": 1}},
+        "data": {"train": [{"shapes": {"samples": 200, "seed": 0}}],  # generated on first use
+                 "val": {"shapes": {"samples": 40, "seed": 1}},
                  "batch_size": 8, "num_workers": 0, "shuffle_buffer": 16},
         "tasks": {"__NAME__": {"weight": 1, "objectives": {"__NAME__": 1.0}}},
         "train": {"steps": steps, "lr": 1e-3, "warmup": 1},
@@ -215,7 +216,8 @@ def check_name(name: str) -> None:
         raise UserError(f"objective name '{name}' must be a lowercase Python identifier that is not a keyword "
                         "(letters, digits and underscores, starting with a letter; e.g. 'region_count')")
     if name.startswith("test"):
-        raise UserError(f"objective name '{name}' starts with 'test': pytest would collect the plugin as a test file")
+        raise UserError(f"objective name '{name}' starts with 'test': pytest would collect the plugin "
+                        "as a test file")
     if name in sys.stdlib_module_names:
         raise UserError(f"objective name '{name}' is a Python standard module: '{name}.py' would shadow it "
                         "when pytest puts its folder on the import path")
@@ -240,7 +242,9 @@ def write_objective(name: str, folder: str | Path = ".", force: bool = False) ->
     folder.mkdir(parents=True, exist_ok=True)
 
     def fill(template: str) -> str:
-        return template.replace("__CLASS__", class_name(name)).replace("__PATH__", str(plugin)).replace("__NAME__", name)
+        for placeholder, value in (("__CLASS__", class_name(name)), ("__PATH__", str(plugin)), ("__NAME__", name)):
+            template = template.replace(placeholder, value)
+        return template
 
     plugin.write_text(fill(PLUGIN_TEMPLATE))
     test.write_text(fill(TEST_TEMPLATE))
