@@ -112,6 +112,19 @@ def contrastive_loss(text: torch.Tensor, image: torch.Tensor, scale: torch.Tenso
     return loss, (text @ image.t()).detach(), acc
 
 
+def recall_at(scores: np.ndarray, k: int) -> float:
+    """Recall@k of the diagonal (each row's true partner) in a (n, n) score matrix.
+
+    Ties are broken at random, in expectation: a partner tied with t - 1 others, behind g
+    better ones, is within the top k with probability clip((k - g) / t, 0, 1). (An
+    untrained model under bf16 scores many pairs alike; counting ties for or against it
+    would report recall of 1 or 0 instead of chance.)
+    """
+    d = np.diag(scores)[:, None]
+    better, tied = (scores > d).sum(1), (scores == d).sum(1)
+    return float(np.clip((k - better) / tied, 0, 1).mean())
+
+
 @register_objective("itc")
 class ImageTextContrastive(Objective):
     needs = {"text", "image"}
@@ -198,7 +211,6 @@ class ImageTextContrastive(Objective):
         scores = (torch.cat(texts) @ torch.cat(images).t()).float().cpu().numpy()  # (c, c) caption × image
         metrics: dict[str, float] = {}
         for name, s in (("t2i", scores), ("i2t", scores.T)):
-            rank = (s > np.diag(s)[:, None]).sum(1)  # rank of the true partner among all candidates
             for k in (1, 5, 10):
-                metrics[f"itc_{name}_r{k}"] = float((rank < k).mean())
+                metrics[f"itc_{name}_r{k}"] = recall_at(s, k)
         return metrics

@@ -83,6 +83,19 @@ def negative_pairs(batch: dict, image_for_caption: torch.Tensor, caption_for_ima
     return neg
 
 
+def recall_at(scores: np.ndarray, k: int) -> float:
+    """Recall@k of the diagonal (each row's true partner) in a (n, n) score matrix.
+
+    Ties are broken at random, in expectation: a partner tied with t - 1 others, behind g
+    better ones, is within the top k with probability clip((k - g) / t, 0, 1). (An
+    untrained model under bf16 scores many pairs alike; counting ties for or against it
+    would report recall of 1 or 0 instead of chance.)
+    """
+    d = np.diag(scores)[:, None]
+    better, tied = (scores > d).sum(1), (scores == d).sum(1)
+    return float(np.clip((k - better) / tied, 0, 1).mean())
+
+
 @register_objective("itm")
 class ImageTextMatching(Objective):
     needs = {"text", "image"}
@@ -160,8 +173,6 @@ class ImageTextMatching(Objective):
             pairs = [swap_image(samples[t], samples[v]) for t in range(c) for v in range(c)]
             scores = self._match_prob(model, data, pairs).reshape(c, c)  # [caption, image]
             for name, s in (("t2i", scores), ("i2t", scores.T)):
-                # rank of the true partner (the diagonal) among all candidates
-                rank = (s > np.diag(s)[:, None]).sum(1)
-                for k in (1, 5, 10):
-                    metrics[f"retrieval_{name}_r{k}"] = float((rank < k).mean())
+                for k in (1, 5, 10):  # where the true partner (the diagonal) ranks among all candidates
+                    metrics[f"retrieval_{name}_r{k}"] = recall_at(s, k)
         return metrics

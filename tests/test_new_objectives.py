@@ -335,3 +335,13 @@ def test_system_recipes_pass_a_dry_run(name, capsys):
     assert "valid" in out and "mlm×1.0" in out and "itm×1.0" in out
     if name == "unicoder-vl":
         assert "mrc×1.0" in out
+
+
+@pytest.mark.parametrize("module", [itm_module, itc_module])
+def test_retrieval_recall_breaks_ties_at_random(module):
+    assert module.recall_at(np.zeros((20, 20)), 1) == pytest.approx(0.05)  # all tied: chance, not 1 or 0
+    assert module.recall_at(np.zeros((20, 20)), 10) == pytest.approx(0.5)
+    s = np.eye(4) + np.array([[0, 2, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])  # row 0: one better
+    assert module.recall_at(s, 1) == pytest.approx(0.75) and module.recall_at(s, 2) == 1.0
+    s = np.array([[1.0, 1.0], [0.0, 1.0]])  # row 0 tied with one other: top-1 half the time
+    assert module.recall_at(s, 1) == pytest.approx(0.75)
