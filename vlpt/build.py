@@ -71,15 +71,19 @@ def decode_settings(recipe: Recipe, model: PretrainModel) -> DecodeSettings:
     )
 
 
-def task_streams(built: Built, sources: list[Source], rank: int = 0, world_size: int = 1) -> dict[str, TaskStream]:
+def task_streams(built: Built, sources: list[Source], rank: int = 0, world_size: int = 1,
+                 carried: list[set[str]] | None = None) -> dict[str, TaskStream]:
+    """One stream per task; with ``carried`` (from :func:`probe_sources`), a task reads only the
+    sources whose samples carry what its objectives need."""
     r = built.recipe
     d = r.data
     settings = decode_settings(r, built.model)
     streams = {}
     for i, task in enumerate(built.tasks):
         pipe = task_pipeline(built.model, task)
+        mine = sources if carried is None else [s for s, c in zip(sources, carried) if set(pipe.needs) <= c]
         streams[task.name] = TaskStream(
-            sources, built.tokenizer, settings, pipe, pipe.needs, Collator(built.tokenizer.pad_id, pipe.pad_values),
+            mine, built.tokenizer, settings, pipe, pipe.needs, Collator(built.tokenizer.pad_id, pipe.pad_values),
             batch_tokens=d.batch_tokens, batch_size=d.batch_size, bucket_size=d.bucket_size,
             size_multiple=d.size_multiple, shuffle_buffer=d.shuffle_buffer,
             pool_size=64 if pipe.wants_pool else 0, seed=r.seed, stream_id=i, rank=rank, world_size=world_size,
@@ -114,24 +118,44 @@ def data_loader(stream: TaskStream, num_workers: int, seed: int = 0) -> torch.ut
     return torch.utils.data.DataLoader(stream, **kwargs)
 
 
-def check_sample_fields(tasks: list[TaskSpec], sources: list[Source], settings: DecodeSettings, tokenizer) -> None:
-    """Objectives that need region fields (``sample_fields``) fail here, before training,
-    when the first usable sample of a source lacks them."""
-    from .data.samples import BadSample, decode_sample
+def probe_sources(tasks: list[TaskSpec], sources: list[Source], settings: DecodeSettings, tokenizer,
+                  probe: int = 64) -> list[set[str]]:
+    """What each source's samples carry, read from the first usable samples of its first shard.
+
+    Fails before training (exit 2) when no source can feed a task's objectives (``needs``) or a
+    source with regions lacks a field an objective reads (``sample_fields``). Returns the
+    modalities per source, so :func:`task_streams` gives each task only the sources it can use
+    (a caption-only source feeds a text-only ``mlm`` task and is kept away from ``itm``)."""
+    from .data.samples import BadSample, decode_sample, modalities
     from .data.stream import read_tar_samples
+
     needed = {f: o.name for t in tasks for o in t.objectives for f in getattr(o.cls, "sample_fields", ())}
-    if not needed or settings.image_size is not None:
-        return
+    carried: list[set[str]] = []
     for i, src in enumerate(sources):
+        found: set[str] = set()
+        seen = 0
         for raw in read_tar_samples(src.urls[0], lambda *a: None):
             try:
                 sample = decode_sample(raw, tokenizer, settings)
             except BadSample:
                 continue
+            found |= modalities(sample)
             for field, objective in needed.items():
-                if field not in sample:
+                if settings.image_size is None and "features" in sample and field not in sample:
                     raise RecipeError(
                         f"objective '{objective}' needs '{field}' in regions.npz, but the samples of "
                         f"data.train.{i} ('{src.urls[0]}') have none"
                     )
-            break
+            seen += 1
+            if seen >= probe:
+                break
+        carried.append(found)
+    for task in tasks:
+        for spec in task.objectives:
+            needs = set(spec.cls.needs)
+            if sources and not any(needs <= c for c in carried):
+                what = "; ".join(f"the samples of data.train.{i} ('{s.urls[0]}') carry only "
+                                 f"{'+'.join(sorted(c)) or 'nothing usable'}" for i, (s, c) in enumerate(zip(sources, carried)))
+                raise RecipeError(f"recipe key 'tasks.{task.name}.objectives.{spec.name}': objective '{spec.name}' "
+                                  f"needs {'+'.join(sorted(needs))}, but no source can feed it: {what}")
+    return carried

@@ -179,23 +179,3 @@ def registered_objectives() -> dict[str, type[Objective]]:
 
 def objective_source(name: str) -> str:
     return _SOURCES.get(name, "?")
-
-
-def check_modalities(tasks, available: set[str], where: str) -> None:
-    """Raise a :class:`RecipeError` if a task's objectives need a modality ``available`` lacks.
-
-    ``tasks`` are resolved :class:`~vlpt.recipe.TaskSpec` objects; ``available`` is what a
-    source's samples carry (``vlpt.data.samples.modalities`` of its first usable sample);
-    ``where`` names the source (``"data.train.0 ('x.tar')"``). Every task reads every
-    source, so a source that cannot feed a task would otherwise stall it.
-    """
-    for task in tasks:
-        for spec in task.objectives:
-            missing = set(spec.cls.needs) - set(available)
-            if missing:
-                carried = "+".join(sorted(available)) or "nothing usable"
-                raise RecipeError(
-                    f"recipe key 'tasks.{task.name}.objectives.{spec.name}': objective '{spec.name}' needs "
-                    f"{'+'.join(sorted(spec.cls.needs))}, but the samples of {where} carry only {carried} "
-                    f"(missing: {', '.join(sorted(missing))})"
-                )

@@ -122,6 +122,20 @@ def modalities(sample: dict) -> set[str]:
     return out
 
 
+#: the fields of a clean sample that belong to each modality
+MODALITY_FIELDS = {
+    "text": ("text", "input_ids", "word_ids"),
+    "image": ("features", "boxes", "soft_labels", "conf", "image"),
+}
+
+
+def keep_modalities(sample: dict, needs: set[str]) -> dict:
+    """The sample without the modalities a task does not use: a text-only task reads captions
+    of image-text samples too, and its batches are then all alike."""
+    drop = [f for m, fields in MODALITY_FIELDS.items() if m not in needs for f in fields]
+    return {k: v for k, v in sample.items() if k not in drop} if any(f in sample for f in drop) else sample
+
+
 def sample_length(sample: dict) -> int:
     """Sequence length for token batching: text tokens + regions."""
     n = len(sample.get("input_ids", ()))

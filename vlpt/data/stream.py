@@ -35,7 +35,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .batching import bucket_batches
 from .collate import Collator
-from .samples import BadSample, DecodeSettings, decode_sample, modalities, sample_length
+from .samples import BadSample, DecodeSettings, decode_sample, keep_modalities, modalities, sample_length
 
 log = logging.getLogger("vlpt.data")
 
@@ -171,7 +171,7 @@ class TaskStream(IterableDataset):
                     if not self.needs <= modalities(sample):
                         continue  # e.g. a caption-only sample offered to an image-text task
                     seen += 1
-                    yield sample
+                    yield keep_modalities(sample, self.needs)
             if seen == 0:
                 raise RuntimeError(
                     f"data source {index} gave no usable sample to rank {self.rank} (slot {slot}/{slots}) "

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import yaml
 
-from ..build import (Built, build_model, check_sample_fields, data_loader, decode_settings, eval_collator,
-                     task_streams, validate)
+from ..build import (Built, build_model, data_loader, decode_settings, eval_collator,
+                     probe_sources, task_streams, validate)
 from ..data.collate import move_to
 from ..data.sources import resolve_sources
 from ..errors import UserError
@@ -121,7 +121,7 @@ class Trainer:
             self.sources, self.val_source = resolve_sources(recipe, progress=progress, quiet=not acc.is_main_process)
         self.built: Built = build_model(recipe, tasks)
         model = self.built.model
-        check_sample_fields(tasks, self.sources, decode_settings(recipe, model), self.built.tokenizer)
+        self.carried = probe_sources(tasks, self.sources, decode_settings(recipe, model), self.built.tokenizer)
         self.optimizer = build_optimizer(model, recipe.train)
         self.scheduler = build_scheduler(self.optimizer, recipe.train)
         self.start_step = 0
@@ -135,7 +135,7 @@ class Trainer:
             rank_state = self._resume(ckpt)
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
         self.mixer = TaskMixer([t.name for t in tasks], [t.weight for t in tasks], recipe.mixing, recipe.seed)
-        streams = task_streams(self.built, self.sources, acc.process_index, acc.num_processes)
+        streams = task_streams(self.built, self.sources, acc.process_index, acc.num_processes, self.carried)
         for name, s in streams.items():
             s.resume_batches = self.consumed[name]
         self.loaders = {name: data_loader(s, recipe.data.num_workers, seed=recipe.seed)
