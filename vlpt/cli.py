@@ -76,16 +76,27 @@ def _data_shapes(args) -> int:
 def _objectives(args) -> int:
     import dataclasses
 
-    from .registry import objective_source, registered_objectives
+    from .recipe import load_recipe
+    from .registry import load_plugin, objective_source, registered_objectives
 
-    for name, cls in registered_objectives().items():
-        doc = (cls.__module__ and (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "")).strip().splitlines()
-        print(f"{name:10s} needs {'+'.join(sorted(cls.needs)):10s} from {objective_source(name)}")
+    if args.recipe:  # also the recipe's plugins
+        recipe = load_recipe(args.recipe)
+        for spec in recipe.plugins:
+            load_plugin(spec, Path(recipe.source).parent if recipe.source else None)
+    objs = registered_objectives()
+    width = max(map(len, objs), default=4) + 2
+    for name, cls in objs.items():
+        doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        extra = "".join(f", {label} {'+'.join(v) if not isinstance(v, bool) else ''}".rstrip()
+                        for label, v in (("requires", cls.requires), ("reads", cls.sample_fields),
+                                         ("draws from a pool", cls.wants_pool)) if v)
+        print(f"{name:{width}s}needs {'+'.join(sorted(cls.needs))}{extra}; from {objective_source(name)}")
         if doc:
-            print(f"           {doc[0]}")
+            print(f"{'':{width}s}{doc[0]}")
         for f in dataclasses.fields(cls.Options):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
-            print(f"           {f.name} = {default!r}")
+            kind = getattr(f.type, "__name__", f.type)
+            print(f"{'':{width}s}  {f.name}: {kind} = {default!r}")
     return 0
 
 
@@ -139,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=_delegate("vlpt.data.inspect", "main"))
 
     o = sub.add_parser("objectives", help="list registered objectives and their options")
+    o.add_argument("recipe", nargs="?", help="also list the objectives of this recipe's plugins")
     o.set_defaults(func=_objectives)
 
     n = sub.add_parser("new-objective", help="write a working objective plugin and its test, ready to edit")
@@ -185,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vlpt: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `vlpt objectives | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
