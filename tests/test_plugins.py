@@ -329,3 +329,13 @@ def test_new_objective_keeps_existing_files_unless_forced(tmp_path, capsys):
     assert vlpt_main(["new-objective", "counting", "--dir", str(tmp_path), "--force"]) == 0
     assert '@register_objective("counting")' in (tmp_path / "counting.py").read_text()
     assert "class Counting(Objective)" in (tmp_path / "counting.py").read_text()
+
+
+def test_objectives_lists_a_recipes_plugins(tmp_path, capsys, fresh_registry):
+    plugin = tmp_path / "caption_length.py"
+    plugin.write_text(CAPTION_LENGTH.replace('"caption_length")', '"caption_length_listed")'))
+    recipe = tiny_recipe(tmp_path, plugins=[str(plugin)])
+    assert vlpt_main(["objectives", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "caption_length_listed" in out and "caption_length.py" in out
+    assert "itm" in out and "draws from a pool" in out and "mrc_kl" in out and "reads soft_labels" in out
