@@ -21,6 +21,7 @@ import glob
 import json
 import math
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -215,8 +216,8 @@ def main(args) -> int:
     tokenizer = _tokenizer(urls, getattr(args, "tokenizer", None))
     result = inspect_shards(urls, args.limit, tokenizer, max_text_len=getattr(args, "max_text_len", None) or 60,
                             feature_dim=getattr(args, "feature_dim", None))
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(format_summary(result))
+    try:
+        print(json.dumps(result, indent=2) if args.json else format_summary(result), flush=True)
+    except BrokenPipeError:  # `vlpt data inspect ... | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
