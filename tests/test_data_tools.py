@@ -108,7 +108,7 @@ def test_captions_then_regions_train(tmp_path, captions_to_shards, extract_regio
     feats = tmp_path / "regions"
     assert extract_regions.main([f"{raw}/shard-{{000000..000002}}.tar", "--out", str(feats), "--model", "resnet18",
                                  "--pretrained", "none", "--grid", "3", "--image-size", "64", "--batch-size", "25",
-                                 "--threads", "2", "--quiet"]) == 0
+                                 "--quiet"]) == 0
     assert "region_feature_dim=512" in capsys.readouterr().err
     samples = [s for p in sorted(feats.glob("shard-*.tar")) for s in read_shard(p)]
     assert len(samples) == 50
