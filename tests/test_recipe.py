@@ -83,3 +83,15 @@ def test_missing_shard_names_pattern(tmp_path):
     recipe = tiny_recipe(tmp_path, data={"train": [{"shards": str(tmp_path / "shard-{000..003}.tar")}]})
     res = _vlpt("train", str(recipe))
     assert res.returncode == 2 and "'data.train.0.shards'" in res.stderr and "shard-{000..003}.tar" in res.stderr
+
+
+def test_a_source_of_another_kind_replaces_the_one_it_extends(tmp_path):
+    from vlpt.recipe import load_raw
+
+    parent = tmp_path / "parent.yaml"
+    parent.write_text("data:\n  val: {shapes: {samples: 100, seed: 1}, weight: 2}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: parent.yaml\ndata:\n  val: {shards: /data/val.tar}\n")
+    assert load_raw(child)["data"]["val"] == {"shards": "/data/val.tar"}
+    child.write_text("extends: parent.yaml\ndata:\n  val: {shapes: {seed: 2}}\n")  # same kind: merged
+    assert load_raw(child)["data"]["val"] == {"shapes": {"samples": 100, "seed": 2}, "weight": 2}

@@ -147,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("shards", nargs="+", help="shard paths, brace patterns or globs")
     i.add_argument("--limit", type=int, default=None, help="read at most this many samples")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
+    i.add_argument("--tokenizer", default=None, help="tokenizer.json or BERT folder for caption lengths "
+                                                     "(default: tokenizer.json beside the first shard, else words)")
+    i.add_argument("--max-text-len", type=int, default=60, help="data.max_text_len: longer captions count as caption_too_long")
+    i.add_argument("--feature-dim", type=int, default=None, help="model.region_feature_dim: other sizes count as bad_regions")
     i.set_defaults(func=_delegate("vlpt.data.inspect", "main"))
 
     o = sub.add_parser("objectives", help="list registered objectives and their options")

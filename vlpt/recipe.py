@@ -302,11 +302,17 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+#: keys that say what a mapping *is*: a mapping naming one replaces the one it extends instead of
+#: merging into it (``val: {shards: ...}`` over a parent's ``val: {shapes: ...}`` is a new source)
+_KIND_KEYS = frozenset({"shards", "shapes"})
+
+
 def deep_merge(base: dict, over: dict) -> dict:
     """Merge ``over`` into a copy of ``base``: mappings merge, everything else replaces."""
     out = copy.deepcopy(base)
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and not (
+                _KIND_KEYS & v.keys() and _KIND_KEYS & out[k].keys() and not (v.keys() & out[k].keys() & _KIND_KEYS)):
             out[k] = deep_merge(out[k], v)
         else:
             out[k] = copy.deepcopy(v)

@@ -372,6 +372,12 @@ class Trainer:
         """Stop the data workers now (they ignore stop signals, so they must be asked) and
         give the signals back."""
         self.iters.clear()  # each loader iterator shuts its workers down when dropped
+        import multiprocessing
+
+        for p in multiprocessing.active_children():  # a worker that did not stop would hang the exit
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
         for sig, h in previous_handlers.items():
             signal.signal(sig, h)
 
