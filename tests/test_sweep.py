@@ -5,9 +5,11 @@ import io
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import REPO, tiny_recipe
@@ -168,6 +170,45 @@ def test_report_prints_and_writes_the_table(local_sweep):
     assert rc == 0 and stdout.splitlines()[0] == "| variant | mlm_acc | attr_color_acc | wall |"
     rc, _, stderr = _cli("report", str(out), "--metrics", "itm_accc")
     assert rc == 2 and "did you mean 'itm_acc'" in stderr
+
+
+def test_finetune_starts_from_each_variants_encoder(tmp_path):
+    from safetensors.torch import load_file
+
+    base = tiny_recipe(tmp_path, train={"steps": 2, "lr": 1e-3, "warmup": 1}, checkpoint={"every": None, "keep": 2},
+                       eval={"samples": 24, "retrieval_candidates": 8, "batch_size": 32})
+    path = _sweep_file(tmp_path, base=base.name, output_dir=str(tmp_path / "sweep"),
+                       variants={"mlm": {"tasks.itm": None}},
+                       finetune={"overrides": {"tasks": {"itm": {"weight": 1, "objectives": {"itm": 1.0}}}}})
+    rc, _, stderr = _cli("sweep", str(path))
+    assert rc == 0, stderr
+    run = tmp_path / "sweep" / "mlm"
+    assert list(yaml.safe_load((run / "finetune" / "recipe.yaml").read_text())["tasks"]) == ["itm"]
+    assert "itm_acc" in json.loads((run / "finetune" / "eval.json").read_text())
+    pre = load_file(str(run / "checkpoints" / "step-0000002" / "model.safetensors"))
+    start = load_file(str(run / "finetune" / "checkpoints" / "step-0000000" / "model.safetensors"))
+    encoder = [k for k in pre if k.startswith("vl.")]
+    assert encoder and all(torch.equal(pre[k], start[k]) for k in encoder)  # the encoder carried over
+    assert not any(k.startswith("objectives.mlm.") for k in start)  # the pretraining heads did not
+    assert any(k.startswith("objectives.itm.") for k in start)  # the finetune's own, fresh
+    rc, stdout, _ = _cli("report", str(tmp_path / "sweep"))
+    header = stdout.splitlines()[0].split(" | ")
+    assert rc == 0 and header[1] == "itm_acc"  # the finetune's metrics first, then the pretrained model's own
+    assert "pretrain/mlm_acc" in header and "pretrain/itm_acc" not in header
+
+
+def test_a_run_stuck_after_its_last_step_is_stopped_and_counted(tmp_path, monkeypatch):
+    import vlpt.sweep as sweep
+
+    monkeypatch.setattr(sweep, "EXIT_GRACE_S", 0.5)
+    monkeypatch.setattr(sweep, "POLL_S", 0.2)
+    flag = tmp_path / "eval.json"
+    code = (f"import pathlib, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            f"pathlib.Path({str(flag)!r}).write_text('{{}}'); print('finished', flush=True); time.sleep(60)")
+    t0 = time.time()
+    rc, until_done = sweep._run_logged([sys.executable, "-c", code], tmp_path / "log", finished=flag.is_file)
+    assert rc == -9 and until_done is not None and time.time() - t0 < 30
+    assert "finished" in (tmp_path / "log").read_text() and "has not exited: stopping it" in (tmp_path / "log").read_text()
 
 
 # -- slurm --------------------------------------------------------------------------------

@@ -62,7 +62,8 @@ with a note: delete its folder to run it again.
 
 Launchers. ``local`` runs ``python -m vlpt.cli train SWEEP_DIR/<v>/recipe.yaml`` for each
 variant in turn (output also in ``SWEEP_DIR/<v>/train.log``), goes on after a
-failed variant and exits 1 if any failed. ``slurm`` writes ``SWEEP_DIR/sweep.sbatch``, one
+failed variant and exits 1 if any failed; a run whose files are complete counts as done even if
+it then fails or hangs while shutting down (it is stopped ``EXIT_GRACE_S`` later). ``slurm`` writes ``SWEEP_DIR/sweep.sbatch``, one
 array index per variant (``#SBATCH --array=0-N``, ``--requeue``; near the time limit
 the task requeues itself and resumes from its latest checkpoint), running
 ``accelerate launch -m vlpt.cli train`` on ``slurm.nodes`` × ``slurm.gpus_per_node``
@@ -495,15 +496,25 @@ def stage_finished(stage: Stage) -> bool:
 
 
 def reached_end(stage: Stage) -> bool:
-    """The latest checkpoint, and ``eval.json`` when the recipe evaluates at the end, are at ``train.steps``."""
-    steps = stage.recipe.train.steps
-    ckpt = latest_checkpoint_step(stage.run_dir)
-    if ckpt is None or ckpt < steps:
-        return False
-    if stage.recipe.eval.at_end and stage.recipe.data.val is not None:
-        ev = _read_json(stage.run_dir / "eval.json")
-        return bool(ev) and ev.get("step", -1) >= steps
-    return True
+    """The run's files are at ``train.steps``: its latest checkpoint (when the recipe checkpoints at
+    the end) and its ``eval.json`` (when it evaluates at the end); else its last ``metrics.jsonl`` line."""
+    r, steps = stage.recipe, stage.recipe.train.steps
+    checks = []
+    if r.checkpoint.at_end:
+        checks.append((latest_checkpoint_step(stage.run_dir) or -1) >= steps)
+    if r.eval.at_end and r.data.val is not None:
+        checks.append(((_read_json(stage.run_dir / "eval.json") or {}).get("step", -1)) >= steps)
+    if not checks:
+        checks.append(_last_logged_step(stage.run_dir) >= steps)
+    return all(checks)
+
+
+def _last_logged_step(run_dir: Path) -> int:
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return max((json.loads(line).get("step", -1) for line in lines[-20:] if line.strip()), default=-1)
+    except (OSError, ValueError):
+        return -1
 
 
 def stage_state(stage: Stage) -> str:
@@ -615,27 +626,77 @@ def _loadavg() -> Optional[list[float]]:
         return None
 
 
-def _run_logged(cmd: list[str], log_path: Path) -> int:
-    """Run ``cmd``, its output to the console and appended to ``log_path``."""
+EXIT_GRACE_S = 45  # how long a run that has written its last checkpoint and eval.json may take to exit
+POLL_S = 5.0  # how often the local launcher looks at a running run's files
+
+
+def _stop(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM (vlpt checkpoints at the next step boundary and exits) and up to ``grace`` seconds to
+    exit, then SIGKILL to its whole process group (data-loader workers too)."""
+    if proc.poll() is None and grace > 0:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, 9)  # data-loader workers too
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def _run_logged(cmd: list[str], log_path: Path, finished=None) -> tuple[int, Optional[float]]:
+    """Run ``cmd`` in its own process group, its output to the console and appended to ``log_path``.
+
+    Returns (exit code, seconds until ``finished()`` first held). A run whose files are complete
+    but which has not exited ``EXIT_GRACE_S`` later (stuck shutting down) is stopped.
+    """
+    import threading
+
+    t0 = time.time()
     with open(log_path, "a") as log:
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} $ {shlex.join(cmd)}\n")
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                start_new_session=True)
+
+        def pump() -> None:
             assert proc.stdout is not None
             for line in proc.stdout:
                 sys.stdout.write(line)
                 sys.stdout.flush()
                 log.write(line)
                 log.flush()
-            return proc.wait()
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        done_at = None
+        try:
+            while True:
+                try:
+                    rc = proc.wait(timeout=POLL_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if done_at is None and finished is not None and finished():
+                    done_at = time.time()
+                if done_at is not None and time.time() - done_at > EXIT_GRACE_S:
+                    msg = (f"vlpt sweep: the run wrote its last checkpoint and evaluation {EXIT_GRACE_S} s ago "
+                           "but has not exited: stopping it\n")
+                    sys.stderr.write(msg)
+                    log.write(msg)
+                    _stop(proc, grace=0)  # its results are written: nothing to save
+                    rc = proc.returncode
+                    break
         except KeyboardInterrupt:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            _stop(proc, grace=60)
             raise
+        finally:
+            reader.join(timeout=10)
+    if done_at is None and finished is not None and finished():
+        done_at = time.time()
+    return rc, None if done_at is None else done_at - t0
 
 
 def _write_done(stage: Stage, wall_s: float, launcher: str, load_start, extra: dict | None = None) -> None:
@@ -647,22 +708,24 @@ def _write_done(stage: Stage, wall_s: float, launcher: str, load_start, extra: d
 
 
 def run_stage(stage: Stage, python: str = sys.executable) -> bool:
-    """Train one stage to its end here (resuming from its checkpoints); True on success."""
+    """Train one stage to its end here (resuming from its checkpoints); True when its files say it
+    reached ``train.steps`` (a failure while shutting down after that is reported, not fatal)."""
     cmd = [python, "-m", "vlpt.cli", "train", str(stage.recipe_path)]
     load_start = _loadavg()
     t0 = time.time()
-    rc = _run_logged(cmd, stage.run_dir / "train.log")
+    rc, until_done = _run_logged(cmd, stage.run_dir / "train.log", finished=lambda: reached_end(stage))
     wall = time.time() - t0
-    if rc != 0:
-        print(f"vlpt sweep: {stage.run_dir}: training failed (exit {rc}); see {stage.run_dir / 'train.log'}",
-              file=sys.stderr)
-        return False
     if not reached_end(stage):
-        print(f"vlpt sweep: {stage.run_dir}: training exited without reaching step {stage.recipe.train.steps}",
-              file=sys.stderr)
+        why = f"failed (exit {rc})" if rc != 0 else f"exited without reaching step {stage.recipe.train.steps}"
+        print(f"vlpt sweep: {stage.run_dir}: training {why}; see {stage.run_dir / 'train.log'}", file=sys.stderr)
         return False
+    if rc != 0:
+        print(f"vlpt sweep: note: {stage.run_dir} exited with code {rc} after writing its last checkpoint and "
+              "evaluation; its results are complete", file=sys.stderr)
     prev = _read_json(stage.run_dir / "done.json") or {}
-    _write_done(stage, wall, "local", load_start, {"attempts": prev.get("attempts", 0) + 1})
+    _write_done(stage, until_done if until_done is not None else wall, "local", load_start,
+                {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)), "process_s": round(wall, 1),
+                 "exit_code": rc, "attempts": prev.get("attempts", 0) + 1})
     return True
 
 
@@ -889,7 +952,16 @@ def sweep_main(args) -> int:
               f"`{Path(sys.executable).name} -m vlpt.cli train SWEEP_DIR/<variant>/recipe.yaml`; nothing written")
         return 0
     write_manifest(sweep)
-    return run_local(sweep, variants)
+    import signal
+
+    def on_term(signum, frame):  # `kill SWEEP_PID`: stop the current run cleanly (it checkpoints), as Ctrl-C does
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        return run_local(sweep, variants)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # --------------------------------------------------------------------------------------
@@ -923,18 +995,17 @@ def _stage_dirs(run_dir: Path, finetune: bool) -> list[tuple[str, Path]]:
 def _dir_status(run_dir: Path) -> tuple[bool, str, Optional[float], Optional[list]]:
     """(finished, status text, wall seconds, load average) of a run folder, read from its files alone."""
     try:
-        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
-        steps = int(recipe.get("train", {}).get("steps", 0))
-    except (OSError, yaml.YAMLError, ValueError, AttributeError):
+        stage = Stage(from_dict(Recipe, yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}), run_dir)
+    except OSError:
         return False, "not started", None, None
-    done = _read_json(run_dir / "done.json")
-    ev = _read_json(run_dir / "eval.json")
-    ckpt = latest_checkpoint_step(run_dir)
-    at_end = ckpt is not None and ckpt >= steps and bool(ev) and ev.get("step", -1) >= steps
-    if (done and done.get("steps", -1) >= steps) or at_end:
-        return True, "finished", (done or {}).get("wall_s"), (done or {}).get("loadavg_end")
-    if ckpt is not None:
-        return False, f"unfinished (step {ckpt}/{steps})", None, None
+    except (yaml.YAMLError, UserError) as e:
+        return False, f"unreadable recipe.yaml ({str(e).splitlines()[0][:80]})", None, None
+    if stage_finished(stage):
+        done = _read_json(run_dir / "done.json") or {}
+        return True, "finished", done.get("wall_s"), done.get("loadavg_end")
+    step = latest_checkpoint_step(run_dir)
+    if step is not None:
+        return False, f"unfinished (step {step}/{stage.recipe.train.steps})", None, None
     return False, "started, no checkpoint yet" if (run_dir / "metrics.jsonl").is_file() else "not started", None, None
 
 
@@ -1012,6 +1083,8 @@ def _metric_order(rows: list[Row]) -> list[str]:
 
 
 def _plot(rows: list[Row], metrics: list[str], path: Path) -> bool:
+    """Grouped bars: one group per metric, one bar per finished variant. Metrics within [0, 1] where
+    higher is better (accuracies, recalls) share one panel; each other metric gets its own."""
     try:
         import matplotlib
 
@@ -1023,22 +1096,27 @@ def _plot(rows: list[Row], metrics: list[str], path: Path) -> bool:
     shown = [m for m in metrics if any(m in r.metrics for r in done)]
     if not done or not shown:
         return False
-    cols = min(4, len(shown))
-    nrows = (len(shown) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.9 * nrows + 0.8), squeeze=False)
-    colors = plt.get_cmap("tab20")(range(len(done)))
-    for ax, m in zip(axes.flat, shown):
-        vals = [r.metrics.get(m, float("nan")) for r in done]
-        ax.bar(range(len(done)), vals, color=colors)
-        d = direction(m)
-        ax.set_title(m + {"min": " (lower better)", "max": "", None: ""}[d], fontsize=9)
-        ax.set_xticks([])
-        ax.tick_params(labelsize=8)
-    for ax in list(axes.flat)[len(shown):]:
-        ax.axis("off")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors]
-    fig.legend(handles, [r.name for r in done], loc="lower center", ncol=min(5, len(done)), fontsize=8)
-    fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(done) - 1) // 5), 1, 1))
+    unit = [m for m in shown if direction(m) != "min" and all(0 <= r.metrics.get(m, 0) <= 1 for r in done)]
+    other = [m for m in shown if m not in unit]
+    panels = ([unit] if unit else []) + [[m] for m in other]
+    widths = [max(2.0, 0.9 * len(p) * max(1.0, len(done) / 6)) for p in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths) + 1, 4.6), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
+    colors = plt.get_cmap("tab10" if len(done) <= 10 else "tab20")(range(len(done)))
+    bar = 0.8 / len(done)
+    for ax, group in zip(axes[0], panels):
+        for i, r in enumerate(done):
+            xs = [g + (i - (len(done) - 1) / 2) * bar for g in range(len(group))]
+            ax.bar(xs, [r.metrics.get(m, float("nan")) for m in group], width=bar, color=colors[i], label=r.name)
+        ax.set_xticks(range(len(group)))
+        ax.set_xticklabels([m + (" (lower better)" if direction(m) == "min" else "") for m in group],
+                           rotation=30, ha="right", fontsize=8)
+        ax.tick_params(axis="y", labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    legend_rows = (len(done) + 4) // 5
+    fig.legend(handles, labels, loc="upper center", ncol=min(5, len(done)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.07 * legend_rows))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
