@@ -46,12 +46,12 @@ import warnings
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from vlpt.eval import recall_at
 from vlpt import EncoderOutput, Objective, ObjectiveOutput, UserError, register_objective
 
 #: batch fields that describe "the image" of a sample (all indexed by sample on the first axis)
@@ -112,19 +112,6 @@ def contrastive_loss(text: torch.Tensor, image: torch.Tensor, scale: torch.Tenso
     return loss, (text @ image.t()).detach(), acc
 
 
-def recall_at(scores: np.ndarray, k: int) -> float:
-    """Recall@k of the diagonal (each row's true partner) in a (n, n) score matrix.
-
-    Ties are broken at random, in expectation: a partner tied with t - 1 others, behind g
-    better ones, is within the top k with probability clip((k - g) / t, 0, 1). (An
-    untrained model under bf16 scores many pairs alike; counting ties for or against it
-    would report recall of 1 or 0 instead of chance.)
-    """
-    d = np.diag(scores)[:, None]
-    better, tied = (scores > d).sum(1), (scores == d).sum(1)
-    return float(np.clip((k - better) / tied, 0, 1).mean())
-
-
 @register_objective("itc")
 class ImageTextContrastive(Objective):
     needs = {"text", "image"}
@@ -183,11 +170,15 @@ class ImageTextContrastive(Objective):
         image = F.normalize(self.image_proj(image).float(), dim=-1)  # (B, d)
         return text, image
 
+    @classmethod
+    def check_task(cls, options, task):
+        if any(name == "itm" and getattr(o, "negatives", "hard") == "random" and getattr(o, "neg_prob", 0) > 0
+               for name, o in task):
+            return ("itc needs matched image-text pairs, but itm with random negatives in the same task swaps "
+                    "images: use itm: {negatives: hard} beside itc, or give itc a task of its own")
+        return None
+
     def forward(self, out: EncoderOutput, batch) -> ObjectiveOutput:
-        if "itm_label" in batch and bool((batch["itm_label"] == 0).any()):
-            raise ValueError("itc needs matched image-text pairs, but an objective before it in this task "
-                             "swapped images (itm with random negatives): use itm: {negatives: hard} beside "
-                             "itc, or give itc a task of its own")
         self.clamp_temperature()
         scale = self.logit_scale.exp()  # 1/τ
         text, image = self.embed(out.model, batch)

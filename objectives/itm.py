@@ -37,10 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlpt.data.samples import MODALITY_FIELDS
+from vlpt.eval import recall_at
 from vlpt import EncoderOutput, Objective, ObjectiveOutput, register_objective
 
 #: the fields that make up "the image" of a sample
-IMAGE_FIELDS = ("features", "boxes", "soft_labels", "conf", "image")
+IMAGE_FIELDS = MODALITY_FIELDS["image"]  # swapped to make a negative
 #: the same in a batch (indexed by sample on the first axis), and the caption's fields
 IMAGE_BATCH_FIELDS = ("features", "boxes", "region_mask", "region_masked", "soft_labels", "conf", "image")
 TEXT_BATCH_FIELDS = ("input_ids", "text_mask")
@@ -83,19 +85,6 @@ def negative_pairs(batch: dict, image_for_caption: torch.Tensor, caption_for_ima
     return neg
 
 
-def recall_at(scores: np.ndarray, k: int) -> float:
-    """Recall@k of the diagonal (each row's true partner) in a (n, n) score matrix.
-
-    Ties are broken at random, in expectation: a partner tied with t - 1 others, behind g
-    better ones, is within the top k with probability clip((k - g) / t, 0, 1). (An
-    untrained model under bf16 scores many pairs alike; counting ties for or against it
-    would report recall of 1 or 0 instead of chance.)
-    """
-    d = np.diag(scores)[:, None]
-    better, tied = (scores > d).sum(1), (scores == d).sum(1)
-    return float(np.clip((k - better) / tied, 0, 1).mean())
-
-
 @register_objective("itm")
 class ImageTextMatching(Objective):
     needs = {"text", "image"}
@@ -111,6 +100,14 @@ class ImageTextMatching(Objective):
         self.head = nn.Linear(model.config.hidden_size, 2)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def check_task(cls, options, task):
+        names = [name for name, _ in task]
+        if options.negatives == "hard" and "itc" not in names[: names.index("itm")]:
+            return ("negatives: hard draws negatives from itc's similarities: put itc before itm in the same "
+                    "task, e.g. {itc: 1.0, itm: {negatives: hard}}")
+        return None
 
     def prepare(self, sample, rng, pool=None):
         label = 1

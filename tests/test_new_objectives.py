@@ -176,12 +176,25 @@ def test_itc_learns_to_pair_a_fixed_batch():
     assert losses[-1] < 0.5 * losses[0] and accs[-1] > accs[0]
 
 
-def test_itc_refuses_batches_with_swapped_images():
-    model, task = _model({"itm": {}, "itc": {}})  # itm's random negatives swap images in prepare
-    batch = _batch(model, task, _samples(16))
-    assert (batch["itm_label"] == 0).any()
-    with pytest.raises(ValueError, match="itc needs matched image-text pairs"):
-        model("t", batch)
+def _task_problem(tmp_path, objectives: dict) -> str:
+    """The recipe error for one task holding ``objectives`` (checked before training), or ''."""
+    from conftest import tiny_recipe
+    from vlpt.errors import RecipeError
+    from vlpt.recipe import load_recipe, resolve_tasks
+
+    recipe = load_recipe(tiny_recipe(tmp_path, tasks={"mlm": {"weight": 0}, "itm": {"weight": 0},
+                                                      "t": {"weight": 1, "objectives": objectives}}))
+    try:
+        resolve_tasks(recipe)
+    except RecipeError as e:
+        return str(e)
+    return ""
+
+
+def test_itc_beside_random_itm_negatives_is_a_recipe_error(tmp_path):
+    err = _task_problem(tmp_path, {"itm": 1.0, "itc": 1.0})  # itm's random negatives would swap images
+    assert err.startswith("recipe key 'tasks.t.objectives.itc'") and "itc needs matched image-text pairs" in err
+    assert _task_problem(tmp_path, {"itc": 1.0, "itm": {"negatives": "hard"}}) == ""
 
 
 def test_itc_image_pass_sees_no_words_and_text_pass_no_regions():
@@ -235,10 +248,10 @@ def test_itm_hard_trains_beside_itc_on_3b_pairs():
     assert all(p.grad is not None for p in model.objectives["itm"].parameters())
 
 
-def test_itm_hard_without_itc_says_what_to_do():
-    model, task = _model({"itm": {"negatives": "hard"}})
-    with pytest.raises(KeyError, match="needs the itc objective before it"):
-        model("t", _batch(model, task, _samples()))
+def test_itm_hard_without_itc_before_it_is_a_recipe_error(tmp_path):
+    for objectives in ({"itm": {"negatives": "hard"}}, {"itm": {"negatives": "hard"}, "itc": 1.0}):
+        err = _task_problem(tmp_path, objectives)
+        assert err.startswith("recipe key 'tasks.t.objectives.itm'") and "put itc before itm" in err
 
 
 def test_default_itm_is_unchanged():

@@ -109,6 +109,18 @@ def _ignore_stop_signals(_worker_id: int) -> None:
             signal.signal(sig, signal.SIG_IGN)
 
 
+def stop_workers(iterator) -> None:
+    """Shut a loader iterator's workers down now, not at interpreter exit, and kill any that do
+    not stop: they ignore SIGTERM, which is how Python's exit would otherwise try to end them."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for w in getattr(iterator, "_workers", []):
+        if w.is_alive():
+            w.kill()
+            w.join(5)
+
+
 def data_loader(stream: TaskStream, num_workers: int, seed: int = 0) -> torch.utils.data.DataLoader:
     # Its own generator: starting a loader's workers then draws nothing from torch's global
     # generator, so dropout draws the same numbers in a resumed run as in an uninterrupted one.
@@ -150,12 +162,12 @@ def probe_sources(tasks: list[TaskSpec], sources: list[Source], settings: Decode
             if seen >= probe:
                 break
         carried.append(found)
-    for task in tasks:
-        for spec in task.objectives:
-            needs = set(spec.cls.needs)
-            if sources and not any(needs <= c for c in carried):
-                what = "; ".join(f"the samples of data.train.{i} ('{s.urls[0]}') carry only "
-                                 f"{'+'.join(sorted(c)) or 'nothing usable'}" for i, (s, c) in enumerate(zip(sources, carried)))
-                raise RecipeError(f"recipe key 'tasks.{task.name}.objectives.{spec.name}': objective '{spec.name}' "
-                                  f"needs {'+'.join(sorted(needs))}, but no source can feed it: {what}")
+    for task in tasks:  # a task's samples must meet all its objectives' needs at once
+        needs = set().union(*(spec.cls.needs for spec in task.objectives))
+        if sources and not any(needs <= c for c in carried):
+            names = ", ".join(spec.name for spec in task.objectives)
+            what = "; ".join(f"the samples of data.train.{i} ('{s.urls[0]}') carry only "
+                             f"{'+'.join(sorted(c)) or 'nothing usable'}" for i, (s, c) in enumerate(zip(sources, carried)))
+            raise RecipeError(f"recipe key 'tasks.{task.name}': its objectives ({names}) need "
+                              f"{'+'.join(sorted(needs))}, but no source can feed it: {what}")
     return carried

@@ -102,6 +102,16 @@ class Objective(nn.Module):
         self.options = options
         self.tokenizer = tokenizer
 
+    @classmethod
+    def check_task(cls, options: Any, task: list[tuple[str, Any]]) -> str | None:
+        """What is wrong with the task this objective is in, or None; checked before training.
+
+        ``task`` lists the task's objectives as (name, options), in recipe order (the order
+        their ``prepare`` and ``forward`` run in). E.g. an objective that reads what another
+        one leaves in the batch says so here, instead of failing at the first step.
+        """
+        return None
+
     # -- worker side -----------------------------------------------------------
     def prepare(self, sample: dict, rng: np.random.Generator, pool: Sequence[dict] | None = None) -> dict:
         """Return this objective's view of ``sample`` (a new or updated dict).

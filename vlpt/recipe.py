@@ -450,6 +450,11 @@ def resolve_tasks(recipe: Recipe) -> list[TaskSpec]:
                     f"recipe key 'tasks.{tname}.objectives': '{o.name}' needs {missing} in the same task "
                     f"(e.g. tasks.{tname}.objectives: {{{', '.join([*missing, o.name])}}})"
                 )
+        listed = [(o.name, o.options) for o in objs]
+        for o in objs:
+            problem = o.cls.check_task(o.options, listed)
+            if problem:
+                raise RecipeError(f"recipe key 'tasks.{tname}.objectives.{o.name}': {problem}")
         out.append(TaskSpec(tname, task.weight, objs))
     if not out or sum(t.weight for t in out) <= 0:
         raise RecipeError("recipe key 'tasks': every task has weight 0")

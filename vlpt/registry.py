@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from .errors import RecipeError, UserError, did_you_mean
+from .errors import UserError, did_you_mean
 from .objective import MODALITIES, Objective
 
 ENTRY_POINT_GROUP = "vlpt.objectives"

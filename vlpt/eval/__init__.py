@@ -4,12 +4,26 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 
 from ..data.collate import Collator, move_to
 from ..data.samples import BadSample, DecodeSettings, decode_sample
 from ..data.stream import read_tar_samples
 from ..objective import EncoderOutput
+
+
+def recall_at(scores: np.ndarray, k: int) -> float:
+    """Recall@k of the diagonal (each row's true partner) in a (n, n) score matrix.
+
+    Ties are broken at random, in expectation: a partner tied with t - 1 others, behind g
+    better ones, is within the top k with probability clip((k - g) / t, 0, 1). (An
+    untrained model under bf16 scores many pairs alike; counting ties for or against it
+    would report recall of 1 or 0 instead of chance.)
+    """
+    d = np.diag(scores)[:, None]
+    better, tied = (scores > d).sum(1), (scores == d).sum(1)
+    return float(np.clip((k - better) / tied, 0, 1).mean())
 
 
 def load_samples(urls: list[str], tokenizer, settings: DecodeSettings, limit: int) -> list[dict]:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import yaml
 
-from ..build import (Built, build_model, data_loader, decode_settings, eval_collator,
+from ..build import (Built, build_model, data_loader, stop_workers, decode_settings, eval_collator,
                      probe_sources, task_streams, validate)
 from ..data.collate import move_to
 from ..data.sources import resolve_sources
@@ -127,6 +127,7 @@ class Trainer:
         self.start_step = 0
         self.resumed_from = None
         self.consumed: Counter = Counter()  # batches taken from each task's loader: the data cursor
+        self.bad_updates = 0
         self.skipped: Counter = Counter()
         self.read = 0
         rank_state = None
@@ -146,7 +147,6 @@ class Trainer:
         self.peak_flops, self.peak_source = device_peak_flops(acc.device, recipe.train.precision)
         self._eval_data = None
         self.bad_in_row = 0
-        self.bad_updates = 0
         self.stop_signal: int | None = None
         self._ctl_group = None
         if rank_state is not None:
@@ -200,6 +200,11 @@ class Trainer:
         info = read_state(ckpt)
         self.start_step = info["step"]
         self.consumed = Counter(info.get("consumed", {}))
+        self.bad_updates = int(info.get("bad_updates", 0))
+        readers = {"processes": self.accelerator.num_processes, "num_workers": self.recipe.data.num_workers}
+        if info.get("readers", readers) != readers:
+            print(f"vlpt: warning: {ckpt} was written with {info['readers']}, this run has {readers}: the data is "
+                  "split differently, so the resumed stream does not continue the first one exactly", file=sys.stderr)
         self.resumed_from = ckpt
         rank_state = load_rank_state(ckpt, self.accelerator.process_index)
         if rank_state is not None:
@@ -341,7 +346,9 @@ class Trainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             save_checkpoint(self.out, step, acc.unwrap_model(self.model), self.optimizer, self.scheduler,
-                            extra={"consumed": dict(self.consumed), "bad_updates": self.bad_updates},
+                            extra={"consumed": dict(self.consumed), "bad_updates": self.bad_updates,
+                                   "readers": {"processes": acc.num_processes,
+                                               "num_workers": self.recipe.data.num_workers}},
                             keep=self.recipe.checkpoint.keep, staged=True, scaler=acc.scaler)
         acc.wait_for_everyone()
 
@@ -371,13 +378,9 @@ class Trainer:
     def _close(self, previous_handlers: dict) -> None:
         """Stop the data workers now (they ignore stop signals, so they must be asked) and
         give the signals back."""
-        self.iters.clear()  # each loader iterator shuts its workers down when dropped
-        import multiprocessing
-
-        for p in multiprocessing.active_children():  # a worker that did not stop would hang the exit
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
+        for it in self.iters.values():
+            stop_workers(it)
+        self.iters.clear()
         for sig, h in previous_handlers.items():
             signal.signal(sig, h)
 
