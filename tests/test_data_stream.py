@@ -135,5 +135,6 @@ def test_epochs_split_shards_and_resampling_draws_them_per_reader(built, tmp_pat
     # epochs: the two ranks read different shards; resampling: each rank draws its own shards
     assert per_epoch[False][0] != per_epoch[False][1]
     assert per_epoch[True][0] != per_epoch[True][1]
+    assert per_epoch[True] != per_epoch[False]  # resampling draws another order than the epochs
     auto = task_streams(b, [shards], rank=0, world_size=2)["mlm"]
     assert auto._resampling(shards, 2) and not auto._resampling(Source(sources[0].urls[:1]), 2)

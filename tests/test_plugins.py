@@ -282,6 +282,20 @@ def test_caption_only_source_feeds_only_text_tasks(tmp_path, capsys):
     assert vlpt_main(["train", str(recipe)]) == 0, capsys.readouterr().err[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"words", "itm"} <= {r.get("task") for r in rows}
+    # the routing itself: itm reads only the source with images, the text task both, without regions
+    from vlpt.build import build_model, decode_settings, probe_sources, task_streams
+    from vlpt.data.sources import resolve_sources
+    from vlpt.recipe import load_recipe
+
+    r = load_recipe(recipe)
+    built = build_model(r)
+    sources, _ = resolve_sources(r, progress=False)
+    carried = probe_sources(built.tasks, sources, decode_settings(r, built.model), built.tokenizer)
+    assert carried == [{"text"}, {"text", "image"}]
+    streams = task_streams(built, sources, carried=carried)
+    assert [len(streams[t].sources) for t in ("words", "itm")] == [2, 1]
+    batch = next(iter(streams["words"]))
+    assert "input_ids" in batch and "features" not in batch
 
 
 def test_data_that_cannot_meet_needs_stops_before_training(tmp_path, capsys):
@@ -290,7 +304,7 @@ def test_data_that_cannot_meet_needs_stops_before_training(tmp_path, capsys):
     capsys.readouterr()
     rc = vlpt_main(["train", str(recipe)])
     err = capsys.readouterr().err
-    assert rc == 2 and "needs image+text" in err and "carry only text" in err
+    assert rc == 2 and "need image+text" in err and "carry only text" in err and "tasks.mlm" in err
 
 
 # -- vlpt new-objective ------------------------------------------------------------------------
