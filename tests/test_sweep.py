@@ -220,6 +220,9 @@ def test_slurm_dry_run_writes_a_valid_array_script(tmp_path, monkeypatch):
     data = yaml.safe_load(sweep_file.read_text())
     data["base"] = str(REPO / "recipes" / "uniter-base.yaml")
     data["output_dir"] = str(tmp_path / "t2")
+    launch = REPO / "recipes" / "launch" / "ddp-1x8.yaml"
+    assert data["slurm"]["launch_args"] == "--config_file recipes/launch/ddp-1x8.yaml" and launch.is_file()
+    data["slurm"]["launch_args"] = f"--config_file {launch}"  # the script runs where the sweep was written from
     copy = tmp_path / "uniter-table2.yaml"
     copy.write_text(yaml.safe_dump(data, sort_keys=False))
     monkeypatch.chdir(tmp_path)  # the script cd's to where the sweep was written from
@@ -230,7 +233,7 @@ def test_slurm_dry_run_writes_a_valid_array_script(tmp_path, monkeypatch):
     text = script.read_text()
     assert "#SBATCH --array=0-9\n" in text and "#SBATCH --requeue" in text and "#SBATCH --gpus-per-node=8" in text
     assert "accelerate launch" in text and "-m vlpt.cli train" in text and f"sbatch {script}" in stdout
-    assert f"cd {tmp_path}" in text
+    assert f"cd {tmp_path}" in text and f"LAUNCH_ARGS='--config_file {launch}'" in text
     variants = text.split("VARIANTS=(")[1].split(")")[0].split()
     assert len(variants) == 10 and variants[0] == "mrfr" and variants[-1] == "all-joint"
     for v in variants:  # every array task's recipes are in place

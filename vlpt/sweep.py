@@ -61,15 +61,15 @@ checkpoint. A variant whose recipe changed after it finished is still skipped,
 with a note: delete its folder to run it again.
 
 Launchers. ``local`` runs ``python -m vlpt.cli train SWEEP_DIR/<v>/recipe.yaml`` for each
-variant in turn (output also in ``SWEEP_DIR/<v>/train.log``), goes on after a
-failed variant and exits 1 if any failed; a run whose files are complete counts as done even if
-it then fails or hangs while shutting down (it is stopped ``EXIT_GRACE_S`` later). ``slurm`` writes ``SWEEP_DIR/sweep.sbatch``, one
-array index per variant (``#SBATCH --array=0-N``, ``--requeue``; near the time limit
-the task requeues itself and resumes from its latest checkpoint), running
-``accelerate launch -m vlpt.cli train`` on ``slurm.nodes`` × ``slurm.gpus_per_node``
-processes; it prints the ``sbatch`` command and submits nothing. ``--dry-run``
-lists the variants and their state (and still writes the script for slurm);
-``--only NAME ...`` (shell patterns allowed) picks variants.
+variant in turn (output also in ``SWEEP_DIR/<v>/train.log``), goes on after a failed variant
+and exits 1 if any failed. A run whose files are complete counts as done even if it then fails
+or hangs while shutting down (it is stopped ``EXIT_GRACE_S`` later); Ctrl-C or SIGTERM stops
+the current run with a checkpoint. ``slurm`` writes ``SWEEP_DIR/sweep.sbatch``, one array
+index per variant (``#SBATCH --array=0-N``, ``--requeue``; near the time limit the task
+checkpoints, requeues itself and resumes), running ``accelerate launch -m vlpt.cli train`` on
+``slurm.nodes`` × ``slurm.gpus_per_node`` processes; it prints the ``sbatch`` command and
+submits nothing. ``--dry-run`` lists the variants and their state (and still writes the script
+for slurm); ``--only NAME ...`` (shell patterns allowed) picks variants.
 
 ``vlpt report SWEEP_DIR`` prints a markdown table (variants × final ``eval.json``
 metrics; with a finetune, its metrics first and the pretraining ones as
@@ -827,28 +827,31 @@ def sbatch_script(sweep: Sweep, variants: list[Variant], workdir: Path) -> str:
         "PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))",
         f"LAUNCH_ARGS={_q(s.launch_args)}",
         'export NPROC MAIN_ADDR PORT LAUNCH_ARGS',
+        'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"',
+        "# how long torchrun lets the training processes write their checkpoint after SIGTERM",
+        'export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}"',
         "",
-        "# Near the time limit Slurm sends USR1 to this script: stop training (SIGTERM: vlpt checkpoints at the",
-        "# next step boundary and exits), then requeue this array task; it resumes from its latest checkpoint.",
+        "# Near the time limit Slurm sends USR1 to this script alone: pass it on as SIGTERM to every process",
+        "# of the job's steps (vlpt checkpoints at the next step boundary and exits), then requeue this array",
+        "# task, which resumes from that checkpoint. A preempted task gets SIGTERM and is requeued by Slurm.",
         "STOPPING=0",
-        "TRAIN_PID=",
         'on_usr1() { echo "vlpt sweep: $NAME: time limit near: checkpoint and requeue" >&2; STOPPING=1; '
-        '[ -n "$TRAIN_PID" ] && kill -TERM "$TRAIN_PID" 2>/dev/null; }',
+        'scancel --signal=TERM "$SLURM_JOB_ID" || true; }',
         "trap on_usr1 USR1",
+        "trap 'STOPPING=1' TERM",
         "",
         "# train one stage to its end: one accelerate launcher per node, each starting its node's processes",
         "train_stage() {",
-        '  local recipe="$1" start=$SECONDS rc',
+        '  local recipe="$1" start=$SECONDS rc pid',
         '  srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c \'accelerate launch --num_machines "$SLURM_NNODES" '
         '--machine_rank "$SLURM_NODEID" --num_processes "$NPROC" $( [ "$NPROC" -gt 1 ] && echo --multi_gpu ) '
         '--main_process_ip "$MAIN_ADDR" --main_process_port "$PORT" $LAUNCH_ARGS -m vlpt.cli train "$0"\' "$recipe" &',
-        "  TRAIN_PID=$!",
-        '  wait "$TRAIN_PID"; rc=$?',
+        "  pid=$!",
+        '  wait "$pid"; rc=$?',
         "  # a trapped signal interrupts wait: wait again until the training has really exited",
-        '  while kill -0 "$TRAIN_PID" 2>/dev/null; do wait "$TRAIN_PID"; rc=$?; done',
-        "  TRAIN_PID=",
+        '  while kill -0 "$pid" 2>/dev/null; do wait "$pid"; rc=$?; done',
         '  if [ "$STOPPING" = 1 ]; then',
-        '    scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"',
+        '    scontrol requeue "$SLURM_JOB_ID" || true',
         "    exit 0",
         "  fi",
         '  [ "$rc" -eq 0 ] || return "$rc"',
@@ -937,6 +940,13 @@ def sweep_main(args) -> int:
         print(f"  {v.name:{width}s}  {variant_state(v):28s} {v.pretrain.recipe.train.steps} steps{stages}: "
               f"{_describe(v.overrides)}")
     if slurm:
+        args_ = shlex.split(sweep.slurm.launch_args)
+        for i, a in enumerate(args_):
+            config = args_[i + 1] if a == "--config_file" and i + 1 < len(args_) else a.partition("=")[2] \
+                if a.startswith("--config_file=") else None
+            if config and not Path(config).is_file():
+                raise UserError(f"sweep key 'slurm.launch_args': accelerate config '{config}' not found "
+                                f"(relative paths are read from {Path.cwd()}, where the script will run)")
         write_manifest(sweep)
         script = write_slurm(sweep, variants)
         check = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
