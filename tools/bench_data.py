@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from vlpt.errors import RecipeError, UserError  # noqa: E402
+from vlpt.errors import RecipeError, run_command  # noqa: E402
 
 PROG = "bench_data"
 TARGET = 3.0  # pipeline samples/s with 2 workers >= TARGET x step samples/s
@@ -370,14 +370,7 @@ def main(argv=None) -> int:
     args = ap.parse_intermixed_args(argv)
     if any(w < 0 for w in args.workers) or args.seconds <= 0 or args.steps < 1 or args.warmup < 0:
         ap.error("--workers must be >= 0, --seconds > 0, --steps >= 1, --warmup >= 0")
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    return run_command(PROG, run, args, resumable=False)
 
 
 if __name__ == "__main__":

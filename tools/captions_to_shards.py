@@ -66,15 +66,15 @@ import tarfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # vlpt, also from a plain checkout
+
+from vlpt.errors import UserError, run_command  # noqa: E402
+
 PROG = "captions_to_shards"
 #: fixed tar member time: the same input and settings give the same shard bytes
 TAR_MTIME = 0
 #: file names of missing images listed in the report (the count is always complete)
 REPORT_MISSING = 10
-
-
-class UserError(Exception):
-    """A mistake the user can fix: printed as one line, exit code 2."""
 
 
 # --------------------------------------------------------------------------------------
@@ -473,14 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+    return run_command(PROG, run, args, resumable=True)
 
 
 if __name__ == "__main__":

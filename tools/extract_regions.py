@@ -54,7 +54,6 @@ unreadable weights).
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
 import io
 import json
@@ -63,7 +62,6 @@ import shutil
 import sys
 import tarfile
 import time
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -71,14 +69,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # vlpt, also from a plain checkout
 
+from vlpt.data.samples import npz_bytes  # noqa: E402
+from vlpt.errors import UserError, run_command  # noqa: E402
+
 PROG = "extract_regions"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TAR_MTIME = 0
-_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
-
-
-class UserError(Exception):
-    """A mistake the user can fix: printed as one line, exit code 2."""
 
 
 class Skip(Exception):
@@ -292,16 +288,6 @@ def load_image(data: bytes, size: int) -> np.ndarray:
         raise Skip("bad_image") from None
 
 
-def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    """An uncompressed .npz (what ``np.savez`` writes) with fixed member times: reproducible bytes."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
-        for name, arr in arrays.items():
-            with zf.open(zipfile.ZipInfo(name + ".npy", date_time=_ZIP_DATE), "w") as f:
-                np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
-    return buf.getvalue()
-
-
 def read_samples(url: str, counts: dict):
     """Raw samples (bytes per extension) of one shard, in order."""
     from vlpt.data.stream import read_tar_samples
@@ -337,22 +323,10 @@ def write_sample(tar: tarfile.TarFile, raw: dict, regions: bytes | None) -> None
 
 
 def expand_inputs(patterns: list[str]) -> list[str]:
-    from braceexpand import braceexpand
+    """Input shards (paths, brace patterns, globs); their names must differ, since outputs keep them."""
+    from vlpt.data.inspect import expand
 
-    urls: list[str] = []
-    for pattern in patterns:
-        for u in braceexpand(os.path.expanduser(pattern)):
-            if "://" in u or u.startswith("pipe:"):
-                urls.append(u)
-            elif glob.has_magic(u):
-                matches = sorted(glob.glob(u))
-                if not matches:
-                    raise UserError(f"shard pattern '{u}' matches no file")
-                urls.extend(matches)
-            elif not Path(u).is_file():
-                raise UserError(f"shard '{u}' not found")
-            else:
-                urls.append(u)
+    urls = expand(patterns)
     names = [Path(u.split("://")[-1]).name for u in urls]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
@@ -572,14 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+    return run_command(PROG, run, args, resumable=True)
 
 
 if __name__ == "__main__":

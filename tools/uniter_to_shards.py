@@ -79,15 +79,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # vlpt, also from a plain checkout
 
+from vlpt.data.samples import npz_bytes  # noqa: E402
+from vlpt.errors import UserError, run_command  # noqa: E402
+
 PROG = "uniter_to_shards"
 TAR_MTIME = 0
-_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 TEXT_FIELDS = ("raw", "caption", "sent", "sentence", "text")
 REPORT = 10
-
-
-class UserError(Exception):
-    """A mistake the user can fix: printed as one line, exit code 2."""
 
 
 def _require(module: str, package: str, what: str):
@@ -138,16 +136,6 @@ def decode_image_dump(data: bytes) -> dict[str, np.ndarray]:
     if not isinstance(out, dict):
         raise ValueError("not a map of arrays")
     return {(k.decode() if isinstance(k, bytes) else k): np.asarray(v) for k, v in out.items()}
-
-
-def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    """An uncompressed .npz with fixed member times: reproducible bytes."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
-        for name, arr in arrays.items():
-            with zf.open(zipfile.ZipInfo(name + ".npy", date_time=_ZIP_DATE), "w") as f:
-                np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
-    return buf.getvalue()
 
 
 def regions_from_dump(d: dict[str, np.ndarray], opts: dict) -> dict[str, np.ndarray]:
@@ -579,14 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+    return run_command(PROG, run, args, resumable=True)
 
 
 if __name__ == "__main__":

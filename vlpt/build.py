@@ -12,7 +12,7 @@ import torch
 
 from .data.collate import Collator
 from .data.samples import DecodeSettings
-from .data.sources import default_tokenizer_path, resolve_sources
+from .data.sources import default_tokenizer_path
 from .data.stream import Source, TaskStream
 from .data.tokenizer import TextTokenizer
 from .model import VLModel

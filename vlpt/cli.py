@@ -46,7 +46,7 @@ def _dry_run(recipe) -> int:
         print("vlpt: note: tokenizer not available yet; counting with BERT's vocabulary (30522)")
     vl = VLModel(mcfg)
     print(f"recipe {recipe.source}: valid")
-    print(f"tasks: " + ", ".join(f"{t.name} (weight {t.weight}: " + ", ".join(f"{o.name}×{o.weight}" for o in t.objectives) + ")" for t in tasks))
+    print("tasks: " + ", ".join(f"{t.name} (weight {t.weight}: " + ", ".join(f"{o.name}×{o.weight}" for o in t.objectives) + ")" for t in tasks))
     print(f"model: {vl.num_parameters() / 1e6:.2f}M parameters, {vl.num_parameters(exclude_embeddings=True) / 1e6:.2f}M excluding word embeddings")
     return 0
 

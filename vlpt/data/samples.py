@@ -36,6 +36,26 @@ class DecodeSettings:
     image_size: int | None = None  # decode images (for a backbone) at this size; None: do not decode
 
 
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """``regions.npz`` bytes: what ``np.savez`` writes, but with fixed member timestamps.
+
+    ``np.savez`` stamps each member with the current time, which would make the same
+    data give different shard bytes on every run. The format is identical: an
+    uncompressed zip of ``.npy`` files, read with ``np.load(..., allow_pickle=False)``.
+    """
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, arr in arrays.items():
+            with zf.open(zipfile.ZipInfo(name + ".npy", date_time=_ZIP_DATE), "w") as f:
+                np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
 def decode_regions(data: bytes, settings: DecodeSettings) -> dict[str, np.ndarray]:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:

@@ -73,12 +73,13 @@ import json
 import os
 import shutil
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .samples import npz_bytes
 
 __all__ = [
     "COLORS",
@@ -148,7 +149,6 @@ _JITTER = 10
 _LABEL_MARGIN = 4.5
 _JPEG_QUALITY = 90
 # Fixed timestamps so that .npz members and tar members are byte-reproducible.
-_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 # An int: tarfile writes an extra 1 KiB PAX header per member for a float mtime.
 _TAR_MTIME = 0
 _MIN_IMAGE_SIZE = 24
@@ -263,22 +263,6 @@ def _soft_labels(rng: np.random.Generator, classes: np.ndarray) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
-def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    """The bytes ``np.savez`` would write, but with fixed member timestamps.
-
-    ``np.savez`` stamps each member with the current time, which would make
-    the same seed give different ``regions.npz`` (and tar) bytes on every run.
-    The format is identical: an uncompressed zip of ``.npy`` files, read with
-    ``np.load(io.BytesIO(b), allow_pickle=False)``.
-    """
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
-        for name, arr in arrays.items():
-            with zf.open(zipfile.ZipInfo(name + ".npy", date_time=_ZIP_DATE), "w") as f:
-                np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
-    return buf.getvalue()
-
-
 def make_sample(rng: np.random.Generator, image_size: int = 64) -> dict:
     """One sample as a webdataset dict without ``__key__``.
 
@@ -354,7 +338,7 @@ def make_sample(rng: np.random.Generator, image_size: int = 64) -> dict:
     return {
         "jpg": jpg.getvalue(),
         "txt": caption,
-        "regions.npz": _npz_bytes(
+        "regions.npz": npz_bytes(
             {"features": features, "boxes": box_arr, "soft_labels": soft, "conf": conf}
         ),
         "json": json.dumps(meta, separators=(",", ":")).encode("utf-8"),
