@@ -100,3 +100,21 @@ def test_timm_backbone_turns_raw_images_into_grid_regions(tmp_path):
     from vlpt.model import grid_boxes
 
     assert torch.allclose(grid_boxes(2, 2)[3], torch.tensor([0.5, 0.5, 1.0, 1.0]))
+
+
+def test_trackers_unknown_is_a_recipe_mistake_and_tensorboard_logs(tmp_path):
+    recipe = tiny_recipe(tmp_path, log={"every": 1, "progress": False, "trackers": ["tensorbored"]})
+    res = _vlpt("train", str(recipe))
+    assert res.returncode == 2 and "unknown tracker 'tensorbored'" in res.stderr and "Traceback" not in res.stderr
+    pytest.importorskip("torch.utils.tensorboard")  # the optional extra: pip install -e ".[tensorboard]"
+    recipe = tiny_recipe(tmp_path, log={"every": 1, "progress": False, "trackers": ["tensorboard"]},
+                         checkpoint={"every": None, "at_end": False}, eval={"at_end": False})
+    res = _vlpt("train", str(recipe))
+    assert res.returncode == 0, res.stderr[-3000:]
+    events = list((tmp_path / "run").rglob("events.out.tfevents.*"))
+    assert events, sorted(str(p) for p in (tmp_path / "run").rglob("*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert "loss" in acc.Tags()["scalars"] and len(acc.Scalars("loss")) == 3

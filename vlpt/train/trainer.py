@@ -462,7 +462,8 @@ class Trainer:
                 if bar is not None:
                     rate = samples_total / max(now - t_start, 1e-9)
                     bar.set_postfix_str(" ".join(f"{t}={float(v):.3f}" for t, v in ema.items())
-                                        + f" {rate:.0f} samples/s mfu={rec['mfu']:.1%}")
+                                        + f" {rate:.0f} samples/s {rec['tokens_per_s']:.0f} tok/s"
+                                        f" pad={rec['padding']:.0%} mfu={rec['mfu']:.1%}")
                 self.check_bad_fraction(done)
             if r.eval.every and done % r.eval.every == 0 and done != steps:
                 self.run_eval(done)
