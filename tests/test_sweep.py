@@ -68,6 +68,18 @@ def test_variants_cross_the_grid_and_null_removes_a_task(tmp_path):
         select(sweep, ["mlm_only"])
 
 
+def test_command_line_overrides_apply_to_every_variant(tmp_path):
+    base = tiny_recipe(tmp_path)
+    path = _sweep_file(tmp_path, base=base.name, output_dir=str(tmp_path / "out"), overrides={"seed": 3},
+                       variants={"a": {}, "b": {"train.lr": 0.5}})
+    sweep = load_sweep(path, cli_overrides=["seed=7", "train.steps=4", f"output_dir={tmp_path / 'elsewhere'}"])
+    assert sweep.output_dir == tmp_path / "elsewhere"
+    assert [(v.pretrain.recipe.seed, v.pretrain.recipe.train.steps) for v in sweep.variants] == [(7, 4), (7, 4)]
+    assert sweep.variants[1].pretrain.recipe.train.lr == 0.5
+    with pytest.raises(UserError, match="key.path=value"):
+        load_sweep(path, cli_overrides=["seed"])
+
+
 def test_a_mapping_merges_into_a_section_and_replaces_a_free_form_mapping():
     raw = {"tasks": {"mlm": {"weight": 1, "objectives": {"mlm": 1.0}}, "itm": {"weight": 1, "objectives": {"itm": 1.0, "wra": 0.1}}},
            "train": {"lr": 1.0, "steps": 3}}

@@ -171,6 +171,7 @@ class Sweep:
     report_metrics: Optional[list[str]]
     carry: str
     raw: dict
+    cli_overrides: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------
@@ -350,8 +351,26 @@ def _build_recipe(raw: dict, where: str, recipe_path: Path, check_data: bool) ->
     return recipe
 
 
-def load_sweep(path: str | Path, check_data: bool = True) -> Sweep:
-    """Read a sweep file, expand it into variants and validate every variant's recipe."""
+def parse_cli_overrides(items: list[str] | tuple = ()) -> dict[str, Any]:
+    """``key.path=value`` strings (values read as YAML) as an overrides mapping."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise UserError(f"override '{item}' must look like key.path=value")
+        try:
+            out[key.strip()] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            out[key.strip()] = text
+    return out
+
+
+def load_sweep(path: str | Path, check_data: bool = True, cli_overrides: list[str] | tuple = ()) -> Sweep:
+    """Read a sweep file, expand it into variants and validate every variant's recipe.
+
+    ``cli_overrides`` (``key.path=value``) apply to every variant after the file's ``overrides``;
+    ``output_dir=DIR`` moves the sweep's folder.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"sweep file '{path}' not found")
@@ -369,10 +388,11 @@ def load_sweep(path: str | Path, check_data: bool = True) -> Sweep:
     base_path = _resolve_path(data["base"], here)
     if not base_path.is_file():
         raise UserError(f"sweep key 'base': recipe '{data['base']}' not found (looked in {here})")
-    out_dir = Path(os.path.expanduser(str(data["output_dir"])))
+    extra = parse_cli_overrides(cli_overrides)
+    out_dir = Path(os.path.expanduser(str(extra.pop("output_dir", data["output_dir"]))))
     base_raw = load_raw(base_path)
     _absolute_plugins(base_raw, base_path.parent)
-    common = _mapping(data.get("overrides"), "overrides")
+    common = {**_mapping(data.get("overrides"), "overrides"), **extra}
     variants_in = data.get("variants")
     if variants_in is None:
         variants_in = {}
@@ -448,7 +468,7 @@ def load_sweep(path: str | Path, check_data: bool = True) -> Sweep:
                 fin = Stage(_build_recipe(fraw, f"{where} (finetune)", run_dir / "finetune" / "recipe.yaml",
                                           check_data), run_dir / "finetune")
             variants.append(Variant(name, {**vov, **gov}, pre, fin))
-    return Sweep(path, path.stem, out_dir, variants, slurm, metrics, carry, data)
+    return Sweep(path, path.stem, out_dir, variants, slurm, metrics, carry, data, parse_cli_overrides(cli_overrides))
 
 
 def select(sweep: Sweep, only: list[str] | None) -> list[Variant]:
@@ -924,6 +944,7 @@ def write_manifest(sweep: Sweep) -> None:
         "finetune": any(v.finetune for v in sweep.variants),
         "report": {"metrics": sweep.report_metrics} if sweep.report_metrics else {},
         "sweep": sweep.raw,
+        "cli_overrides": sweep.cli_overrides,
     }
     (sweep.output_dir / "sweep.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
 
@@ -931,7 +952,8 @@ def write_manifest(sweep: Sweep) -> None:
 def sweep_main(args) -> int:
     slurm = args.launcher == "slurm"
     # data files are checked where the data lives: here for local runs, on the cluster for slurm
-    sweep = load_sweep(args.sweep, check_data=not slurm)
+    # key=value overrides after the sweep file (vlpt.cli passes them where its sweep parser takes them)
+    sweep = load_sweep(args.sweep, check_data=not slurm, cli_overrides=getattr(args, "overrides", None) or ())
     variants = select(sweep, args.only)
     print(f"sweep {sweep.path}: {len(sweep.variants)} variant(s), all valid; output in {sweep.output_dir}/")
     width = max(len(v.name) for v in variants)
