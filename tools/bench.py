@@ -74,12 +74,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from vlpt.errors import RecipeError, UserError  # noqa: E402
+from vlpt.errors import RecipeError, UserError, tool_parser  # noqa: E402
 
 TASK = "mlmitm"
 #: distinct pre-built batches cycled through the warm-up and timed steps
@@ -148,13 +147,6 @@ def _non_negative(s: str) -> int:
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {s!r}")
     return v
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse's default prints the usage too)
-        message = message.replace(", KEY=VALUE", "")  # the overrides are optional
-        print(f"bench: error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 # --------------------------------------------------------------------------------------
@@ -525,8 +517,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    ap = _Parser(prog="tools/bench.py", description=__doc__,
-                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = tool_parser("bench", __doc__)
     ap.add_argument("recipe", help="recipe YAML (model sizes, optimizer settings, data)")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. model.layers=6")
     ap.add_argument("--vocab-size", type=_positive, default=None,

@@ -34,7 +34,6 @@ Exit code 2 with one line on stderr for a user mistake (missing recipe, bad opti
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -45,11 +44,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from vlpt.errors import RecipeError, run_command  # noqa: E402
+from vlpt.errors import RecipeError, run_command, tool_parser  # noqa: E402
 
 PROG = "bench_data"
 TARGET = 3.0  # pipeline samples/s with 2 workers >= TARGET x step samples/s
@@ -346,15 +344,8 @@ def run(args) -> int:
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        message = message.replace(", KEY=VALUE", "")
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv=None) -> int:
-    ap = _Parser(prog="tools/bench_data.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = tool_parser("bench_data", __doc__)
     ap.add_argument("recipe", help="recipe YAML")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. data.batch_size=128")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],

@@ -20,16 +20,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from vlpt.errors import tool_parser  # noqa: E402
 from vlpt.ot import cosine_cost, ipot_plan, ot_distance  # noqa: E402
 
 
@@ -71,7 +69,7 @@ def _parse_config(s: str):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = tool_parser("bench_ot", __doc__)
     ap.add_argument("--configs", nargs="+", type=_parse_config, default=[(64, 40, 36), (512, 60, 100)],
                     metavar="BxNxM",
                     help="problems x text tokens x image regions (default: 64x40x36 512x60x100)")

@@ -66,9 +66,8 @@ import tarfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # vlpt, also from a plain checkout
 
-from vlpt.errors import UserError, run_command  # noqa: E402
+from vlpt.errors import UserError, run_command, tool_parser  # noqa: E402
 
 PROG = "captions_to_shards"
 #: fixed tar member time: the same input and settings give the same shard bytes
@@ -434,15 +433,8 @@ def run(args) -> int:
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="tools/captions_to_shards.py", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = tool_parser("captions_to_shards", __doc__)
     p.add_argument("captions", help="COCO captions JSON, JSON Lines or CSV file")
     p.add_argument("--images", help="folder the image paths are relative to (default: the captions file's folder)")
     p.add_argument("--out", required=True, help="output folder for the shards")

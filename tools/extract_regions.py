@@ -67,10 +67,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # vlpt, also from a plain checkout
 
 from vlpt.data.samples import npz_bytes  # noqa: E402
-from vlpt.errors import UserError, run_command  # noqa: E402
+from vlpt.errors import UserError, run_command, tool_parser  # noqa: E402
 
 PROG = "extract_regions"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -509,15 +508,8 @@ def run(args) -> int:
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="tools/extract_regions.py", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = tool_parser("extract_regions", __doc__)
     p.add_argument("shards", nargs="+", help="input shards: paths, brace patterns or globs (quote them)")
     p.add_argument("--out", required=True, help="output folder (shards keep their names)")
     p.add_argument("--model", default="resnet50", help="any timm model name (default: resnet50)")

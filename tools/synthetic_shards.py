@@ -14,13 +14,14 @@ features with random boxes and Dirichlet soft labels.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from vlpt.errors import tool_parser
 
 
 def build_tokenizer(vocab_size: int):
@@ -37,7 +38,7 @@ def build_tokenizer(vocab_size: int):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = tool_parser("synthetic_shards", __doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--samples", type=int, default=20000)
     p.add_argument("--shard-size", type=int, default=1000)

@@ -77,10 +77,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # vlpt, also from a plain checkout
 
 from vlpt.data.samples import npz_bytes  # noqa: E402
-from vlpt.errors import UserError, run_command  # noqa: E402
+from vlpt.errors import UserError, run_command, tool_parser  # noqa: E402
 
 PROG = "uniter_to_shards"
 TAR_MTIME = 0
@@ -531,15 +530,8 @@ def run(args) -> int:
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="tools/uniter_to_shards.py", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = tool_parser("uniter_to_shards", __doc__)
     p.add_argument("--img-db", required=True, help="folder of .npz files, or UNITER's image LMDB")
     p.add_argument("--txt-db", required=True, help="UNITER's text DB folder (LMDB), or a JSON Lines file of its entries")
     p.add_argument("--out", required=True, help="output folder for the shards")

@@ -6,6 +6,7 @@ code 2, without a traceback. Everything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import argparse
 import difflib
 import sys
 from typing import Any, Callable, Iterable
@@ -36,3 +37,24 @@ def run_command(prog: str, run: Callable[[Any], int | None], args: Any, resumabl
         hint = "; run the same command again to resume" if resumable else ""
         print(f"{prog}: interrupted{hint}", file=sys.stderr)
         return 130
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``argparse`` parser whose usage errors are one line and exit 2, like every vlpt error
+    (argparse's default prints the whole usage first). Used by ``vlpt`` and the scripts in ``tools/``."""
+
+    def __init__(self, *args, name: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.name = name or self.prog  # how error lines start
+
+    def error(self, message: str):  # type: ignore[override]
+        message = message.replace(", KEY=VALUE", "")  # optional recipe overrides are not "required"
+        print(f"{self.name}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def tool_parser(name: str, description: str | None, **kwargs) -> OneLineParser:
+    """The parser of ``tools/NAME.py``: its module docstring as the help text (layout kept), errors
+    as ``NAME: error: ...`` on one line."""
+    return OneLineParser(prog=f"tools/{name}.py", name=name, description=description,
+                         formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
