@@ -28,10 +28,11 @@ B × B pairs at once. The task's joint pass still runs (the core always encodes 
 task's batch); ``itc`` does not use it, so a task with ``itc`` alone costs one
 forward pass more than it needs.
 
-**Batches must hold matched pairs.** Put ``itc`` in a task of its own or next to
-``itm: {negatives: hard}`` (which draws its negatives inside the batch, from the
-similarities cos / τ that ``itc`` leaves in ``batch["itc_similarity"]``); ``itm``
-with its default random negatives swaps images in ``prepare`` and is refused here. Masking objectives
+**Batches must hold matched pairs** (``needs_matched_pairs``). Put ``itc`` in a task of its
+own or next to ``itm: {negatives: hard}``, which draws its negatives inside the batch from the
+similarities cos / τ that ``itc`` leaves for it (``provides = ("itc_similarity",)``); ``itm``
+with its default random negatives swaps images in ``prepare``, and recipe validation refuses
+the pair. Masking objectives
 in the same task would mask the text ``itc`` reads: keep them in other tasks
 (``mixing: sum`` runs every task every update, as ALBEF sums ITC, ITM and MLM).
 
@@ -51,21 +52,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from vlpt.batch import image_part, text_part
 from vlpt.eval import recall_at
 from vlpt import EncoderOutput, Objective, ObjectiveOutput, UserError, register_objective
-
-#: batch fields that describe "the image" of a sample (all indexed by sample on the first axis)
-IMAGE_BATCH_FIELDS = ("features", "boxes", "region_mask", "region_masked", "image", "zero_region_features")
-
-
-def text_only(batch: dict) -> dict:
-    """The caption part of a batch: a trunk pass over it sees no regions."""
-    return {"input_ids": batch["input_ids"], "text_mask": batch["text_mask"]}
-
-
-def image_only(batch: dict) -> dict:
-    """The image part of a batch: a trunk pass over it sees no words."""
-    return {k: batch[k] for k in IMAGE_BATCH_FIELDS if k in batch}
 
 
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -115,6 +104,8 @@ def contrastive_loss(text: torch.Tensor, image: torch.Tensor, scale: torch.Tenso
 @register_objective("itc")
 class ImageTextContrastive(Objective):
     needs = {"text", "image"}
+    needs_matched_pairs = True
+    provides = ("itc_similarity",)  # (B, B) caption × image, cos / τ: itm's hard negatives draw from it
 
     @dataclass
     class Options:
@@ -154,12 +145,12 @@ class ImageTextContrastive(Objective):
     def embed(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalized caption and image embeddings, (B, d) each, from two unimodal trunk passes."""
         if self.options.text_pool == "cls":
-            text = model(text_only(batch)).pooled  # (B, H): the caption's pooled [CLS]
+            text = model(text_part(batch)).pooled  # (B, H): the caption's pooled [CLS]
         else:
-            words = model(text_only(batch)).text  # (B, T, H)
+            words = model(text_part(batch)).text  # (B, T, H)
             m = batch["text_mask"].unsqueeze(-1).to(words.dtype)  # (B, T, 1)
             text = (words * m).sum(1) / m.sum(1).clamp_min(1)  # (B, H): mean over the caption's tokens
-        regions = model(image_only(batch)).regions  # (B, K, H)
+        regions = model(image_part(batch)).regions  # (B, K, H)
         mask = batch.get("region_mask")  # (B, K); absent with an image backbone (every grid cell is real)
         if mask is None:
             image = regions.mean(1)  # (B, H)
@@ -170,21 +161,12 @@ class ImageTextContrastive(Objective):
         image = F.normalize(self.image_proj(image).float(), dim=-1)  # (B, d)
         return text, image
 
-    @classmethod
-    def check_task(cls, options, task):
-        if any(name == "itm" and getattr(o, "negatives", "hard") == "random" and getattr(o, "neg_prob", 0) > 0
-               for name, o in task):
-            return ("itc needs matched image-text pairs, but itm with random negatives in the same task swaps "
-                    "images: use itm: {negatives: hard} beside itc, or give itc a task of its own")
-        return None
-
     def forward(self, out: EncoderOutput, batch) -> ObjectiveOutput:
         self.clamp_temperature()
         scale = self.logit_scale.exp()  # 1/τ
         text, image = self.embed(out.model, batch)
         loss, similarity, acc = contrastive_loss(text, image, scale)
-        # for objectives after this one in the task: itm's hard negatives draw from softmax(cos / τ)
-        batch["itc_similarity"] = similarity * scale.detach()  # (B, B) caption × image
+        out.shared["itc_similarity"] = similarity * scale.detach()  # (B, B) caption × image, for itm after it
         return ObjectiveOutput(loss, {"acc": acc.detach(), "temperature": (1 / scale).detach()})
 
     # -- evaluation -------------------------------------------------------------------

@@ -14,13 +14,13 @@ finds them hardest: ``prepare`` keeps every pair matched, and ``forward`` pairs 
 caption with another image of the batch drawn with probability ∝ softmax of their
 ITC similarity (its own image excluded), and each image with another caption the
 same way, then runs the trunk on those 2B negatives: B positives, 2B negatives.
-The similarities come from the ``itc`` objective, which must come *before* ``itm``
-in the same task (``{itc: 1.0, itm: {negatives: hard}}``) and leaves them in
-``batch["itc_similarity"]``: one set of unimodal passes serves both, and the
-negatives get harder as ITC learns. (Computing its own unimodal embeddings would
+The similarities come from an objective before ``itm`` in the same task that
+provides ``itc_similarity`` (``{itc: 1.0, itm: {negatives: hard}}``): one set of
+unimodal passes serves both, and the negatives get harder as ITC learns. (Computing its own unimodal embeddings would
 need projections trained by a contrastive loss: that is ``itc``.) A batch has no
 identity beyond the sample, so two captions of one image count as negatives, as in
-ALBEF. With ``wra`` in the same task every pair is labeled matched.
+ALBEF. ``itm`` leaves the labels of the batch's pairs (``itm_label``, 1 = matched) for
+the objectives after it, e.g. ``wra``; with hard negatives every pair of the batch is matched.
 
 Evaluation reports ``itm_acc`` on balanced positives/negatives and zero-shot
 retrieval: each of ``eval.retrieval_candidates`` captions ranks as many images
@@ -37,23 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlpt.data.samples import MODALITY_FIELDS
+from vlpt.batch import BATCH_IMAGE_FIELDS, BATCH_TEXT_FIELDS, swap_image
 from vlpt.eval import recall_at
 from vlpt import EncoderOutput, Objective, ObjectiveOutput, register_objective
-
-#: the fields that make up "the image" of a sample
-IMAGE_FIELDS = MODALITY_FIELDS["image"]  # swapped to make a negative
-#: the same in a batch (indexed by sample on the first axis), and the caption's fields
-IMAGE_BATCH_FIELDS = ("features", "boxes", "region_mask", "region_masked", "soft_labels", "conf", "image")
-TEXT_BATCH_FIELDS = ("input_ids", "text_mask")
-
-
-def swap_image(sample: dict, other: dict) -> dict:
-    """``sample``'s caption with ``other``'s image."""
-    out = {k: v for k, v in sample.items() if k not in IMAGE_FIELDS}
-    out.update({k: other[k] for k in IMAGE_FIELDS if k in other})
-    out["grounding"] = None  # the caption's grounding no longer describes this image
-    return out
 
 
 def hard_negatives(similarity: torch.Tensor, generator: torch.Generator | None = None):
@@ -76,10 +62,10 @@ def negative_pairs(batch: dict, image_for_caption: torch.Tensor, caption_for_ima
     """A batch of 2B mismatched pairs: every caption with its negative image, then every
     image with its negative caption."""
     neg = {k: v for k, v in batch.items() if not torch.is_tensor(v)}  # flags such as zero_region_features
-    for k in TEXT_BATCH_FIELDS:
+    for k in BATCH_TEXT_FIELDS:
         if torch.is_tensor(batch.get(k)):
             neg[k] = torch.cat([batch[k], batch[k][caption_for_image]])
-    for k in IMAGE_BATCH_FIELDS:
+    for k in BATCH_IMAGE_FIELDS:
         if torch.is_tensor(batch.get(k)):
             neg[k] = torch.cat([batch[k][image_for_caption], batch[k]])
     return neg
@@ -89,6 +75,7 @@ def negative_pairs(batch: dict, image_for_caption: torch.Tensor, caption_for_ima
 class ImageTextMatching(Objective):
     needs = {"text", "image"}
     wants_pool = True
+    provides = ("itm_label",)  # (B,) 1 where the batch pairs a caption with its own image
 
     @dataclass
     class Options:
@@ -102,12 +89,12 @@ class ImageTextMatching(Objective):
         nn.init.zeros_(self.head.bias)
 
     @classmethod
-    def check_task(cls, options, task):
-        names = [name for name, _ in task]
-        if options.negatives == "hard" and "itc" not in names[: names.index("itm")]:
-            return ("negatives: hard draws negatives from itc's similarities: put itc before itm in the same "
-                    "task, e.g. {itc: 1.0, itm: {negatives: hard}}")
-        return None
+    def used(cls, options):
+        return ("itc_similarity",) if options.negatives == "hard" else ()
+
+    @classmethod
+    def swaps_images(cls, options):
+        return options.negatives == "random" and options.neg_prob > 0
 
     def prepare(self, sample, rng, pool=None):
         label = 1
@@ -125,15 +112,14 @@ class ImageTextMatching(Objective):
             return self.forward_hard(out, batch)
         logits = self.head(out.pooled)  # (B, 2)
         target = batch["itm_label"]
+        out.shared["itm_label"] = target
         loss = F.cross_entropy(logits.float(), target)
         acc = (logits.argmax(-1) == target).float().mean()
         return ObjectiveOutput(loss, {"acc": acc.detach()})
 
     def forward_hard(self, out: EncoderOutput, batch) -> ObjectiveOutput:
-        similarity = batch.get("itc_similarity")  # (B, B), left by itc earlier in this task
-        if similarity is None:
-            raise KeyError("itm with negatives: hard needs the itc objective before it in the same task, "
-                           "e.g. tasks.itm.objectives: {itc: 1.0, itm: {negatives: hard}}")
+        similarity = out.shared["itc_similarity"]  # (B, B), from itc earlier in this task
+        out.shared["itm_label"] = batch["itm_label"]  # the batch's own pairs: all matched
         pooled = out.pooled  # (B, H): the batch's matched pairs
         B = pooled.shape[0]
         if B >= 2:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlpt import EncoderOutput, Objective, ObjectiveOutput, register_objective
+from vlpt.batch import META
 from vlpt.data.masking import IGNORE, mask_tokens
 from vlpt.model.heads import prediction_transform
 
@@ -110,5 +111,5 @@ class MaskedLanguageModeling(Objective):
 
 
 def _objects(sample: dict) -> list[dict]:
-    g = sample.get("grounding") or {}
+    g = sample.get(META) or {}
     return g.get("objects", []) if isinstance(g, dict) else []

@@ -21,13 +21,14 @@ import numpy as np
 import torch
 
 from vlpt import EncoderOutput, Objective, ObjectiveOutput, register_objective
+from vlpt.batch import META
 from vlpt.ot import cosine_cost, ipot_plan, ot_distance
 
 
 @register_objective("wra")
 class WordRegionAlignment(Objective):
     needs = {"text", "image"}
-    requires = ("itm",)  # reads itm_label: which pairs are matched
+    uses = ("itm_label",)  # which pairs are matched: left by itm before it in the task
 
     @dataclass
     class Options:
@@ -43,11 +44,9 @@ class WordRegionAlignment(Objective):
         return cost, plan
 
     def forward(self, out: EncoderOutput, batch) -> ObjectiveOutput:
-        if "itm_label" not in batch:
-            raise KeyError("wra needs 'itm_label' in the batch: put it in the same task as itm")
         cost, plan = self.plan_and_cost(out, batch)
         distance = ot_distance(cost, plan)  # (B,)
-        positive = batch["itm_label"] == 1
+        positive = out.shared["itm_label"] == 1
         loss = (distance[positive].sum() - distance[~positive].sum()) / distance.numel()
         d = distance.detach()
         pos_distance = (d * positive).sum() / positive.sum().clamp_min(1)  # mean over matched pairs; 0 if none
@@ -55,7 +54,7 @@ class WordRegionAlignment(Objective):
 
     @torch.no_grad()
     def evaluate(self, model, data) -> dict[str, float]:
-        views = [dict(s) for s in data.samples if (s.get("grounding") or {}).get("objects")]
+        views = [dict(s) for s in data.samples if (s.get(META) or {}).get("objects")]
         correct = total = 0
         offset = 0
         for batch in data.batches(views):
@@ -65,7 +64,7 @@ class WordRegionAlignment(Objective):
             for b in range(best.shape[0]):
                 sample = views[offset + b]
                 word_ids = np.asarray(sample["word_ids"])
-                for obj in sample["grounding"]["objects"]:
+                for obj in sample[META]["objects"]:
                     for word in obj.get("words", {}).values():
                         positions = np.flatnonzero(word_ids == word)
                         correct += int((best[b, positions] == obj["region"]).sum())

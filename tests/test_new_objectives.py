@@ -17,10 +17,7 @@ import yaml
 
 from vlpt import registered_objectives
 from vlpt.cli import main as vlpt_main
-from vlpt.data.collate import Collator
-from vlpt.model import VLModel
-from vlpt.recipe import ModelConfig, ObjectiveSpec, TaskSpec
-from vlpt.tasks import PretrainModel, task_pipeline
+from vlpt.testing import prepare_batch, tiny_pretrain_model, tiny_samples, tiny_task
 
 from conftest import REPO, tiny_recipe
 
@@ -28,38 +25,18 @@ itc_module = sys.modules[registered_objectives()["itc"].__module__]
 itm_module = sys.modules[registered_objectives()["itm"].__module__]
 
 
-class FakeTokenizer:
-    pad_id, unk_id, cls_id, sep_id, mask_id = 0, 1, 2, 3, 4
-    special_ids = frozenset({0, 1, 2, 3, 4})
-    vocab_size = 40
-
-
 def _samples(n=12, seed=0):
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        t, k = int(rng.integers(4, 9)), int(rng.integers(1, 5))
-        out.append({"key": f"s{i}", "input_ids": np.array([2, *rng.integers(5, 40, t), 3]),
-                    "word_ids": [-1, *range(t), -1], "features": rng.normal(size=(k, 16)).astype(np.float32),
-                    "boxes": np.sort(rng.random((k, 4)).astype(np.float32), axis=1)})
-    return out
+    return tiny_samples(n, seed, text_len=(4, 9), soft_label_classes=None)
 
 
 def _model(objectives: dict[str, dict]):
     """A tiny PretrainModel with one task holding ``objectives`` (name -> options), in order."""
-    torch.manual_seed(0)
-    vl = VLModel(ModelConfig(hidden_size=32, layers=2, heads=2, ffn_size=64, max_positions=32, vocab_size=40,
-                             region_feature_dim=16, dropout=0.0))
-    reg = registered_objectives()
-    task = TaskSpec("t", 1.0, [ObjectiveSpec(n, reg[n], 1.0, reg[n].Options(**o)) for n, o in objectives.items()])
-    return PretrainModel(vl, [task], FakeTokenizer()), task
+    task = tiny_task(objectives)
+    return tiny_pretrain_model([task]), task
 
 
 def _batch(model, task, samples, seed=0):
-    pipe = task_pipeline(model, task)
-    rng = np.random.default_rng(seed)
-    views = [pipe(dict(s), rng, samples if pipe.wants_pool else None) for s in samples]
-    return Collator(0, pipe.pad_values)(views)
+    return prepare_batch(model, task, samples, seed)
 
 
 def _unit_pairs(n=8, d=6, seed=0):
@@ -180,7 +157,8 @@ def _task_problem(tmp_path, objectives: dict) -> str:
     """The recipe error for one task holding ``objectives`` (checked before training), or ''."""
     from conftest import tiny_recipe
     from vlpt.errors import RecipeError
-    from vlpt.recipe import load_recipe, resolve_tasks
+    from vlpt.recipe import load_recipe
+    from vlpt.tasks import resolve_tasks
 
     recipe = load_recipe(tiny_recipe(tmp_path, tasks={"mlm": {"weight": 0}, "itm": {"weight": 0},
                                                       "t": {"weight": 1, "objectives": objectives}}))

@@ -283,16 +283,17 @@ def test_caption_only_source_feeds_only_text_tasks(tmp_path, capsys):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"words", "itm"} <= {r.get("task") for r in rows}
     # the routing itself: itm reads only the source with images, the text task both, without regions
-    from vlpt.build import build_model, decode_settings, probe_sources, task_streams
-    from vlpt.data.sources import resolve_sources
+    from vlpt.build import build_model, decode_settings, task_streams
+    from vlpt.data.sources import probe_sources, resolve_sources
     from vlpt.recipe import load_recipe
 
     r = load_recipe(recipe)
     built = build_model(r)
     sources, _ = resolve_sources(r, progress=False)
-    carried = probe_sources(built.tasks, sources, decode_settings(r, built.model), built.tokenizer)
-    assert carried == [{"text"}, {"text", "image"}]
-    streams = task_streams(built, sources, carried=carried)
+    feeding = probe_sources(built.tasks, sources, decode_settings(r, built.model), built.tokenizer)
+    tasks = [t.name for t in built.tasks]
+    assert dict(zip(tasks, feeding)) == {"words": [0, 1], "itm": [1]}  # itm: only the source with images
+    streams = task_streams(built, sources, feeding=feeding)
     assert [len(streams[t].sources) for t in ("words", "itm")] == [2, 1]
     batch = next(iter(streams["words"]))
     assert "input_ids" in batch and "features" not in batch

@@ -74,7 +74,7 @@ def test_missing_recipe_file_exits_2(tmp_path):
 def test_shipped_recipes_validate():
     for name in ("quickstart.yaml",):
         r = load_recipe(REPO / "recipes" / name)
-        from vlpt.recipe import resolve_tasks
+        from vlpt.tasks import resolve_tasks
 
         assert resolve_tasks(r)
 

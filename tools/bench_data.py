@@ -138,10 +138,10 @@ def _size(batch: dict) -> int:
     return 0
 
 
-def measure_pipeline(built, sources, carried, mixer, workers: int, seconds: float, min_batches: int) -> dict:
+def measure_pipeline(built, sources, feeding, mixer, workers: int, seconds: float, min_batches: int) -> dict:
     from vlpt.build import data_loader, task_streams
 
-    streams = task_streams(built, sources, 0, 1, carried)
+    streams = task_streams(built, sources, 0, 1, feeding)
     loaders = {name: data_loader(s, workers, seed=built.recipe.seed) for name, s in streams.items()}
     iters = {name: iter(dl) for name, dl in loaders.items()}
     t_start = time.perf_counter()
@@ -185,7 +185,7 @@ def measure_pipeline(built, sources, carried, mixer, workers: int, seconds: floa
             "startup_s": startup, "other_cpu_share": other, "max_wait_ms": 1e3 * max(times)}
 
 
-def measure_step(built, sources, carried, mixer, steps: int, warmup: int) -> dict:
+def measure_step(built, sources, feeding, mixer, steps: int, warmup: int) -> dict:
     from vlpt.build import task_streams
     from vlpt.data.collate import move_to
     from vlpt.train.optim import build_optimizer
@@ -193,7 +193,7 @@ def measure_step(built, sources, carried, mixer, steps: int, warmup: int) -> dic
     r = built.recipe
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     n_distinct = 6
-    streams = task_streams(built, sources, 0, 1, carried)
+    streams = task_streams(built, sources, 0, 1, feeding)
     batches = {}
     for name, s in streams.items():  # the real pipeline's batches, built before timing
         it = iter(s)
@@ -245,7 +245,7 @@ def measure_step(built, sources, carried, mixer, steps: int, warmup: int) -> dic
             "device": str(device), "threads": torch.get_num_threads(), "other_cpu_share": meter.other_share()}
 
 
-def profile_worker(built, sources, carried, mixer, batches: int) -> str:
+def profile_worker(built, sources, feeding, mixer, batches: int) -> str:
     """cProfile of producing ``batches`` batches in this process (what one worker does)."""
     import cProfile
     import io
@@ -253,7 +253,7 @@ def profile_worker(built, sources, carried, mixer, batches: int) -> str:
 
     from vlpt.build import task_streams
 
-    streams = task_streams(built, sources, 0, 1, carried)
+    streams = task_streams(built, sources, 0, 1, feeding)
     iters = {name: iter(s) for name, s in streams.items()}
     for name in iters:  # fill the shuffle buffers outside the profile
         next(iters[name])
@@ -274,7 +274,8 @@ def profile_worker(built, sources, carried, mixer, batches: int) -> str:
 
 
 def run(args) -> int:
-    from vlpt.build import build_model, decode_settings, probe_sources, validate
+    from vlpt.build import build_model, decode_settings, validate
+    from vlpt.data.sources import probe_sources
     from vlpt.data.sources import resolve_sources
     from vlpt.recipe import load_recipe
     from vlpt.train.mixing import TaskMixer
@@ -291,10 +292,10 @@ def run(args) -> int:
     built = build_model(recipe, tasks)
     mixer = TaskMixer([t.name for t in tasks], [t.weight for t in tasks], recipe.mixing, recipe.seed)
     # which sources feed which task, as the trainer decides it
-    carried = probe_sources(tasks, sources, decode_settings(recipe, built.model), built.tokenizer)
+    feeding = probe_sources(tasks, sources, decode_settings(recipe, built.model), built.tokenizer)
 
     if args.profile:
-        print(profile_worker(built, sources, carried, mixer, args.profile_batches))
+        print(profile_worker(built, sources, feeding, mixer, args.profile_batches))
         return 0
 
     d = recipe.data
@@ -305,11 +306,11 @@ def run(args) -> int:
           + f", shuffle_buffer {d.shuffle_buffer}, {sum(len(s.urls) for s in sources)} shard(s); "
           f"recipe's data.num_workers = {d.num_workers} per task", flush=True)
 
-    step = measure_step(built, sources, carried, mixer, args.steps, args.warmup)
+    step = measure_step(built, sources, feeding, mixer, args.steps, args.warmup)
     print(f"  training step: {step['samples_per_s']:.0f} samples/s", file=sys.stderr, flush=True)
     pipes = []
     for w in args.workers:
-        res = measure_pipeline(built, sources, carried, mixer, w, args.seconds, args.min_batches)
+        res = measure_pipeline(built, sources, feeding, mixer, w, args.seconds, args.min_batches)
         pipes.append(res)
         print(f"  pipeline, {w} worker(s) per task: {res['samples_per_s']:.0f} samples/s", file=sys.stderr,
               flush=True)

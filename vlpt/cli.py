@@ -27,15 +27,12 @@ def _train(args) -> int:
 
 def _dry_run(recipe) -> int:
     """Validate the recipe and build the model without touching data."""
-    from .build import model_config
+    from .build import model_config, validate
     from .data.sources import default_tokenizer_path
     from .data.tokenizer import TextTokenizer
     from .model import VLModel
 
-    from .recipe import check_files, resolve_tasks
-
-    check_files(recipe, data=False)  # a dry run needs no data
-    tasks = resolve_tasks(recipe)
+    tasks = validate(recipe, data=False)  # a dry run needs no data
     try:
         vocab = TextTokenizer.from_path(default_tokenizer_path(recipe)).vocab_size
     except UserError:
@@ -89,6 +86,7 @@ def _objectives(args) -> int:
         doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
         extra = "".join(f", {label} {'+'.join(v) if not isinstance(v, bool) else ''}".rstrip()
                         for label, v in (("requires", cls.requires), ("reads", cls.sample_fields),
+                                         ("provides", cls.provides), ("uses", cls.uses),
                                          ("draws from a pool", cls.wants_pool)) if v)
         print(f"{name:{width}s}needs {'+'.join(sorted(cls.needs))}{extra}; from {objective_source(name)}")
         if doc:

@@ -10,7 +10,11 @@ with two halves that run in different places:
   the shared trunk's output, and returns an :class:`ObjectiveOutput`.
 
 Several objectives can share one task (one prepared batch, one trunk forward
-pass); their ``prepare`` hooks run in the order the recipe lists them.
+pass); their ``prepare`` hooks and then their ``forward`` calls run in the order the
+recipe lists them. What one leaves for the ones after it (``itc``'s similarities, which
+``itm``'s hard negatives draw from) passes through ``EncoderOutput.shared``, declared
+with ``provides`` and ``uses`` and checked when the recipe is validated (see
+:mod:`vlpt.batch`).
 
 Options are a dataclass nested in the objective (``Options``), so a recipe's
 ``tasks.<task>.objectives.<name>: {...}`` is validated against it before any
@@ -55,6 +59,8 @@ class EncoderOutput:
     pooled: torch.Tensor  # (B, H)
     text_len: int  # T
     model: Any
+    #: values an objective leaves for the objectives after it in the task (names it ``provides``)
+    shared: dict[str, Any] = field(default_factory=dict)
 
     @property
     def text(self) -> torch.Tensor:  # (B, T, H)
@@ -79,12 +85,20 @@ class Objective(nn.Module):
     #: ``True`` if ``prepare`` needs other samples (e.g. to draw negatives):
     #: the pipeline then passes a ``pool`` of recent clean samples.
     wants_pool: ClassVar[bool] = False
-    #: objectives that must share this one's task (e.g. ``wra`` reads ``itm``'s labels)
+    #: objectives that must share this one's task, by name
     requires: ClassVar[tuple[str, ...]] = ()
-    #: region fields the data must carry (besides features and boxes), e.g. ``("soft_labels",)``
+    #: fields a sample must carry besides its modalities: region fields (``"soft_labels"``) or
+    #: metadata keys (``"meta.answer_ids"``). A source whose samples carry none of them does not feed
+    #: the task (none that does: exit 2 before training); a sample lacking one is skipped and counted.
     sample_fields: ClassVar[tuple[str, ...]] = ()
     #: padding value per batch field this objective adds (default 0)
     pad_values: ClassVar[dict[str, Any]] = {}
+    #: values ``forward`` leaves in ``out.shared`` for the objectives after it in the task
+    provides: ClassVar[tuple[str, ...]] = ()
+    #: values ``forward`` reads from ``out.shared``: an objective before it in the task must provide each
+    uses: ClassVar[tuple[str, ...]] = ()
+    #: ``True`` if it needs every pair of a batch to be a matching caption and image
+    needs_matched_pairs: ClassVar[bool] = False
 
     @dataclass
     class Options:
@@ -103,12 +117,26 @@ class Objective(nn.Module):
         self.tokenizer = tokenizer
 
     @classmethod
-    def check_task(cls, options: Any, task: list[tuple[str, Any]]) -> str | None:
-        """What is wrong with the task this objective is in, or None; checked before training.
+    def provided(cls, options: Any) -> tuple[str, ...]:
+        """The shared values this objective provides with these options (default: ``provides``)."""
+        return tuple(cls.provides)
 
-        ``task`` lists the task's objectives as (name, options), in recipe order (the order
-        their ``prepare`` and ``forward`` run in). E.g. an objective that reads what another
-        one leaves in the batch says so here, instead of failing at the first step.
+    @classmethod
+    def used(cls, options: Any) -> tuple[str, ...]:
+        """The shared values it uses with these options (default: ``uses``)."""
+        return tuple(cls.uses)
+
+    @classmethod
+    def swaps_images(cls, options: Any) -> bool:
+        """Whether ``prepare`` pairs some captions with another sample's image (a negative)."""
+        return False
+
+    @classmethod
+    def check_task(cls, options: Any, task: list[tuple[str, Any]]) -> str | None:
+        """What else is wrong with the task this objective is in, or None; checked before training.
+
+        ``task`` lists the task's objectives as (name, options), in recipe order. Shared values,
+        companions and matched pairs are checked already (see :func:`vlpt.tasks.check_task`).
         """
         return None
 
@@ -117,9 +145,10 @@ class Objective(nn.Module):
         """Return this objective's view of ``sample`` (a new or updated dict).
 
         ``sample`` holds ``input_ids`` (list[int], with [CLS] ... [SEP]),
-        ``word_ids``, ``features`` (K, D) float32, ``boxes`` (K, 4), optional
-        ``soft_labels``, ``grounding`` and ``key``. Add per-sample fields
-        (numpy arrays or ints); the collator pads them (see ``vlpt.data.collate``).
+        ``word_ids``, ``features`` (K, D) float16/32, ``boxes`` (K, 4), optional
+        ``soft_labels``, ``meta`` (the sample's JSON metadata) and ``key`` (see
+        :mod:`vlpt.batch`). Add per-sample fields (numpy arrays or ints); the
+        collator pads them (see ``vlpt.data.collate``).
         """
         return sample
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import UserError
+from .run_dir import RunDir
 
 Series = dict[str, tuple[list[float], list[float]]]  # key -> (steps, values)
 
@@ -130,7 +131,7 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
     except ImportError:
         raise UserError("vlpt plot needs matplotlib: pip install 'vlpt[plot]'") from None
     run = Path(run)
-    path = run if run.is_file() else run / "metrics.jsonl"
+    path = run if run.is_file() else RunDir(run).metrics
     records, bad = read_metrics(path)
     if bad:
         print(f"vlpt: skipped {bad} unreadable line(s) in {path}", file=sys.stderr)

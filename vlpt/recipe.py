@@ -1,10 +1,11 @@
 """Recipes: one YAML file says everything about a run.
 
 Loading order (later wins): the dataclass defaults below < the ``extends:`` chain
-< the recipe file < dotted command-line overrides (``train.lr=1e-4``).
-Validation happens here, before any heavy work: an unknown key, a wrong type,
-an unknown objective or a missing file raises :class:`~vlpt.errors.RecipeError`
-with one line naming the key (and the closest valid key for typos).
+< the recipe file < dotted command-line overrides (``train.lr=1e-4``), all applied with one
+override language (:func:`merge`), which sweeps use too. Type checking happens here, before
+any heavy work: an unknown key or a wrong type raises :class:`~vlpt.errors.RecipeError` with
+one line naming the key (and the closest valid key for typos). Files are checked by
+:mod:`vlpt.checks`, objectives and tasks resolved by :mod:`vlpt.tasks`.
 
 The top-level keys are a contract (see the README); keys inside each section are
 documented on their dataclass.
@@ -13,8 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import glob
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .errors import RecipeError, UserError, did_you_mean
+from .errors import RecipeError, did_you_mean
 
 # --------------------------------------------------------------------------------------
 # schema
@@ -302,210 +301,148 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+# --------------------------------------------------------------------------------------
+# the override language: extends:, command-line overrides and sweeps all speak it
+# --------------------------------------------------------------------------------------
+
 #: keys that say what a mapping *is*: a mapping naming one replaces the one it extends instead of
 #: merging into it (``val: {shards: ...}`` over a parent's ``val: {shapes: ...}`` is a new source)
 _KIND_KEYS = frozenset({"shards", "shapes"})
+_UNKNOWN = object()  # a path outside the schema: its value is set as given, from_dict names it later
 
 
-def deep_merge(base: dict, over: dict) -> dict:
-    """Merge ``over`` into a copy of ``base``: mappings merge, everything else replaces."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and not (
-                _KIND_KEYS & v.keys() and _KIND_KEYS & out[k].keys() and not (v.keys() & out[k].keys() & _KIND_KEYS)):
-            out[k] = deep_merge(out[k], v)
+def _strip_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _child_type(tp: Any, part: str) -> Any:
+    """The schema type one key below ``tp`` (Optional stripped), or ``_UNKNOWN``."""
+    tp = _strip_optional(tp)
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        return _strip_optional(hints[part]) if part in hints else _UNKNOWN
+    if typing.get_origin(tp) in (dict, list):
+        return _strip_optional(typing.get_args(tp)[-1])
+    return _UNKNOWN
+
+
+def _is_free_mapping(tp: Any) -> bool:
+    """A mapping whose keys the user names (``tasks``, a task's ``objectives``), not a section."""
+    return typing.get_origin(tp) is dict
+
+
+def _merges(tp: Any, old: Any, new: Any) -> bool:
+    """Whether ``new`` merges into ``old`` key by key (a section, unless it names another kind)."""
+    if not (dataclasses.is_dataclass(tp) and isinstance(old, dict) and isinstance(new, dict)):
+        return False
+    kinds_old, kinds_new = _KIND_KEYS & old.keys(), _KIND_KEYS & new.keys()
+    return not (kinds_old and kinds_new and not kinds_old & kinds_new)
+
+
+def _set(node: Any, tp: Any, parts: list[str], value: Any, key: str) -> None:
+    """Set ``value`` at the dotted path ``parts`` below ``node`` (whose schema type is ``tp``)."""
+    head, rest = parts[0], parts[1:]
+    if isinstance(node, list):
+        try:
+            index = int(head)
+            node[index]
+        except (ValueError, IndexError):
+            raise RecipeError(f"override '{key}': '{head}' is not an index of the list") from None
+        if rest:
+            _set(node[index], _child_type(tp, head), rest, value, key)
         else:
-            out[k] = copy.deepcopy(v)
+            node[index] = copy.deepcopy(value)
+        return
+    child = _child_type(tp, head)
+    if rest:
+        if not isinstance(node.get(head), (dict, list)):
+            node[head] = {}
+        _set(node[head], child, rest, value, key)
+    elif value is None and _is_free_mapping(tp):
+        if head not in node:
+            raise RecipeError(f"override '{key}: null': there is no entry '{head}' to remove"
+                              + (did_you_mean(head, node) or f" (there are: {', '.join(map(str, node)) or 'none'})"))
+        del node[head]
+    elif _merges(child, node.get(head), value):
+        for k, v in value.items():
+            _set(node[head], child, str(k).split("."), v, f"{key}.{k}")
+    else:
+        node[head] = copy.deepcopy(value)
+
+
+def merge(raw: dict, over: dict, schema: Any = None) -> dict:
+    """``over`` applied to a copy of ``raw``: the one override language of recipes.
+
+    ``over`` is a mapping whose keys may be dotted paths (``train.lr``, ``data.train.0.weight``,
+    ``tasks.itm.objectives.wra``); ``extends:`` applies the extending file to its parents with it,
+    ``key=value`` on the command line is ``{key: value}``, a sweep variant is its mapping. Rules:
+
+    * a mapping merges into a recipe **section** key by key (``train: {steps: 5}`` sets one key),
+      unless it names another kind of data source (``shards`` over ``shapes``), which replaces it;
+    * a mapping given for a **free-form mapping** (``tasks``, a task's ``objectives``) replaces it:
+      ``tasks: {...}`` states the whole task list;
+    * ``null`` on an entry of a free-form mapping (``tasks.mrfr``, ``tasks.itm.objectives.wra``)
+      **removes** it; on any other key ``null`` is the value null (``train.clip: null``: no clip);
+    * lists and plain values replace; later keys win.
+    """
+    out = copy.deepcopy(raw)
+    for key, value in over.items():
+        parts = str(key).split(".")
+        if not all(parts):
+            raise RecipeError(f"override key '{key}' is not a dotted recipe path")
+        _set(out, schema or Recipe, parts, value, str(key))
     return out
 
 
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key.path=value`` (the value read as YAML; empty is null) as ``(key, value)``."""
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise RecipeError(f"override '{text}' must look like key.path=value")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def parse_overrides(items: list[str] | tuple = ()) -> dict[str, Any]:
+    return dict(parse_override(item) for item in items)
+
+
 def load_raw(path: str | Path, _seen: tuple = ()) -> dict:
-    """Read a recipe file with its ``extends:`` chain resolved (relative to the file)."""
+    """Read a recipe file with its ``extends:`` chain applied (parents relative to the file)."""
     path = Path(path)
     if path.resolve() in _seen:
         raise RecipeError(f"recipe '{path}' extends itself (cycle: {' -> '.join(str(p) for p in _seen)})")
     data = _read_yaml(path)
     parents = data.pop("extends", None)
-    if parents is None:
-        return data
     if isinstance(parents, str):
         parents = [parents]
     merged: dict = {}
-    for parent in parents:
+    for parent in parents or ():
         parent_path = (path.parent / parent) if not Path(parent).is_absolute() else Path(parent)
         if not parent_path.is_file():
             raise RecipeError(f"recipe key 'extends': file '{parent}' not found (looked in {path.parent})")
-        merged = deep_merge(merged, load_raw(parent_path, _seen + (path.resolve(),)))
-    return deep_merge(merged, data)
-
-
-def apply_override(raw: dict, override: str) -> None:
-    """Apply one ``a.b.c=value`` override (value parsed as YAML) in place."""
-    if "=" not in override:
-        raise RecipeError(f"override '{override}' must look like key.path=value")
-    key, _, text = override.partition("=")
-    key = key.strip()
+        merged = merge(merged, load_raw(parent_path, _seen + (path.resolve(),)))
     try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        value = text
-    parts = key.split(".")
-    node: Any = raw
-    for i, part in enumerate(parts[:-1]):
-        if isinstance(node, list):
-            try:
-                node = node[int(part)]
-            except (ValueError, IndexError):
-                raise RecipeError(f"override '{key}': '{'.'.join(parts[: i + 1])}' is not an index of the list") from None
-            continue
-        if not isinstance(node.get(part), (dict, list)):
-            node[part] = {}
-        node = node[part]
-    last = parts[-1]
-    if isinstance(node, list):
-        try:
-            node[int(last)] = value
-        except (ValueError, IndexError):
-            raise RecipeError(f"override '{key}': '{last}' is not an index of the list") from None
-    else:
-        node[last] = value
+        return merge(merged, data)
+    except RecipeError as e:
+        raise RecipeError(f"recipe file '{path}': {e}") from None
+
+
+def apply_override(raw: dict, override: str) -> dict:
+    """One command-line ``key.path=value`` applied to ``raw``; returns the new mapping."""
+    return merge(raw, dict([parse_override(override)]))
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
     """Load, merge, override and type-check a recipe (files and objectives are checked by :func:`validate`)."""
-    raw = load_raw(path)
-    for o in overrides:
-        apply_override(raw, o)
+    raw = merge(load_raw(path), parse_overrides(overrides))
     recipe = from_dict(Recipe, raw)
     recipe.source = str(path)
     return recipe
-
-
-# --------------------------------------------------------------------------------------
-# semantic validation (objectives, files)
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class ObjectiveSpec:
-    """One objective inside a task, resolved against the registry."""
-
-    name: str
-    cls: type
-    weight: float
-    options: Any
-
-
-@dataclass
-class TaskSpec:
-    name: str
-    weight: float
-    objectives: list[ObjectiveSpec]
-
-    @property
-    def needs(self) -> set[str]:
-        out: set[str] = set()
-        for o in self.objectives:
-            out |= set(o.cls.needs)
-        return out
-
-
-def resolve_tasks(recipe: Recipe) -> list[TaskSpec]:
-    """Load plugins, look up each task's objectives and type-check their options."""
-    from .registry import get_objective, load_plugin
-
-    base = Path(recipe.source).parent if recipe.source else None
-    for spec in recipe.plugins:
-        load_plugin(spec, base)
-    if not recipe.tasks:
-        raise RecipeError("recipe key 'tasks' is empty: name at least one task with objectives")
-    out = []
-    for tname, task in recipe.tasks.items():
-        if task.weight == 0 and recipe.mixing == "sample":
-            continue  # switched off (e.g. by a recipe that extends another): built nowhere, never drawn
-        if not task.objectives:
-            raise RecipeError(f"recipe key 'tasks.{tname}.objectives' is empty")
-        if task.weight < 0:
-            raise RecipeError(f"recipe key 'tasks.{tname}.weight' must be >= 0, got {task.weight}")
-        objs = []
-        for oname, value in task.objectives.items():
-            path = f"tasks.{tname}.objectives.{oname}"
-            try:
-                cls = get_objective(oname)
-            except UserError as e:  # unknown name: say where the recipe names it
-                raise RecipeError(f"recipe key '{path}': {e}") from None
-            if isinstance(value, dict):
-                value = dict(value)
-                weight = convert(float, value.pop("weight", 1.0), f"{path}.weight")
-                options = from_dict(cls.Options, value, path)
-            else:
-                weight = convert(float, value, path)
-                options = cls.Options()
-            objs.append(ObjectiveSpec(oname, cls, weight, options))
-        names = {o.name for o in objs}
-        for o in objs:
-            missing = [r for r in o.cls.requires if r not in names]
-            if missing:
-                raise RecipeError(
-                    f"recipe key 'tasks.{tname}.objectives': '{o.name}' needs {missing} in the same task "
-                    f"(e.g. tasks.{tname}.objectives: {{{', '.join([*missing, o.name])}}})"
-                )
-        listed = [(o.name, o.options) for o in objs]
-        for o in objs:
-            problem = o.cls.check_task(o.options, listed)
-            if problem:
-                raise RecipeError(f"recipe key 'tasks.{tname}.objectives.{o.name}': {problem}")
-        out.append(TaskSpec(tname, task.weight, objs))
-    if not out or sum(t.weight for t in out) <= 0:
-        raise RecipeError("recipe key 'tasks': every task has weight 0")
-    return out
-
-
-def expand_shards(pattern: str) -> list[str]:
-    """Brace-expand a shard pattern (``data-{000..009}.tar``) into a list of URLs."""
-    import braceexpand
-
-    urls = []
-    for part in pattern.split("::"):
-        urls.extend(braceexpand.braceexpand(part))
-    return urls
-
-
-def _is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:")
-
-
-def check_files(recipe: Recipe, data: bool = True) -> None:
-    """Every local file the recipe names must exist (shards, checkpoint folder, tokenizer).
-
-    ``data=False`` skips the data files (shards, tokenizer), for dry runs.
-    """
-    m = recipe.model
-    if m.init_from is not None and not Path(m.init_from).expanduser().is_dir():
-        raise RecipeError(f"recipe key 'model.init_from': folder '{m.init_from}' not found")
-    if m.init_from is not None and not (Path(m.init_from).expanduser() / "config.json").is_file():
-        raise RecipeError(f"recipe key 'model.init_from': '{m.init_from}' has no config.json (not a BERT checkpoint folder)")
-    if data and m.tokenizer is not None and not Path(m.tokenizer).expanduser().exists():
-        raise RecipeError(f"recipe key 'model.tokenizer': '{m.tokenizer}' not found")
-    if m.tokenizer is None and m.init_from is None and not recipe.data.train:
-        raise RecipeError("recipe key 'model.tokenizer' is not set and there is no train source to find one beside")
-    if not recipe.data.train:
-        raise RecipeError("recipe key 'data.train' is empty: name at least one source")
-    if (recipe.data.batch_tokens is None) == (recipe.data.batch_size is None):
-        raise RecipeError("recipe keys 'data.batch_tokens' and 'data.batch_size': set exactly one of them")
-    sources = [(f"data.train.{i}", s) for i, s in enumerate(recipe.data.train)]
-    if recipe.data.val is not None:
-        sources.append(("data.val", recipe.data.val))
-    for path, src in sources:
-        if (src.shards is None) == (src.shapes is None):
-            raise RecipeError(f"recipe key '{path}': set exactly one of 'shards' and 'shapes'")
-        if src.weight < 0:
-            raise RecipeError(f"recipe key '{path}.weight' must be >= 0")
-        if src.shards is not None and data:
-            pattern = os.path.expanduser(src.shards)
-            urls = expand_shards(pattern)
-            local = [u for u in urls if _is_local(u)]
-            missing = [u for u in local if not glob.has_magic(u) and not Path(u).is_file()]
-            if missing:
-                more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-                raise RecipeError(f"recipe key '{path}.shards': shard '{missing[0]}'{more} not found (pattern '{src.shards}')")

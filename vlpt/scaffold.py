@@ -53,8 +53,9 @@ class __CLASS__(Objective):
     pad_values = {}
     # Other declarations (see docs/objectives.md):
     #   wants_pool = True                 -> `prepare` also gets `pool`: recent clean samples
-    #   requires = ("itm",)               -> objectives that must share this one's task
-    #   sample_fields = ("soft_labels",)  -> region fields every data source must carry
+    #   sample_fields = ("soft_labels",)  -> fields a sample must carry ("meta.KEY": a json key)
+    #   provides = ("my_scores",)         -> values `forward` leaves in out.shared for later objectives
+    #   uses = ("itm_label",)             -> values it reads from out.shared (an earlier objective's)
 
     @dataclass
     class Options:
@@ -75,7 +76,7 @@ class __CLASS__(Objective):
     def prepare(self, sample: dict, rng: np.random.Generator, pool=None) -> dict:
         # Data-loader worker, once per sample, on numpy data. `sample` holds input_ids
         # ([CLS] ... [SEP]), word_ids, features (K, D), boxes (K, 4), key and, when the data has
-        # them, soft_labels, conf, grounding. Draw randomness from `rng` (never np.random) so
+        # them, soft_labels, conf, meta (the sample's json). Draw randomness from `rng` (never np.random) so
         # runs repeat. Add fields named after the objective: ints and floats become (B,)
         # tensors, numpy arrays are padded on their first axis with `pad_values`.
         sample["__NAME___label"] = min(len(sample["features"]), self.options.max_count)
@@ -126,46 +127,21 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from vlpt.cli import main as vlpt_main  # noqa: E402
-from vlpt.data.collate import Collator  # noqa: E402
-from vlpt.model import VLModel  # noqa: E402
-from vlpt.recipe import ModelConfig, ObjectiveSpec, TaskSpec  # noqa: E402
-from vlpt.registry import get_objective, load_plugin  # noqa: E402
-from vlpt.tasks import PretrainModel, task_pipeline  # noqa: E402
+from vlpt.registry import load_plugin  # noqa: E402
+from vlpt.testing import TINY_MODEL, prepare_batch, tiny_pretrain_model, tiny_samples, tiny_task  # noqa: E402
 
 PLUGIN = Path(__file__).resolve().parent / "__NAME__.py"
 
 
-class TinyTokenizer:
-    """The few tokenizer attributes objectives read."""
-    pad_id, unk_id, cls_id, sep_id, mask_id = 0, 1, 2, 3, 4
-    special_ids = frozenset({0, 1, 2, 3, 4})
-    vocab_size = 40
-
-
 def test_one_batch_has_a_finite_loss_and_trains_the_head():
     load_plugin(str(PLUGIN))  # as a recipe's `plugins:` would (never `import __NAME__` as well)
-    cls = get_objective("__NAME__")
-    torch.manual_seed(0)
-    vl = VLModel(ModelConfig(hidden_size=32, layers=1, heads=2, ffn_size=64, max_positions=32, vocab_size=40,
-                             region_feature_dim=16, dropout=0.0))
-    task = TaskSpec("__NAME__", 1.0, [ObjectiveSpec("__NAME__", cls, 1.0, cls.Options())])
-    model = PretrainModel(vl, [task], TinyTokenizer())
-    pipe = task_pipeline(model, task)
-    rng = np.random.default_rng(0)
-    samples = []
-    for i in range(8):
-        t, k = int(rng.integers(3, 9)), int(rng.integers(1, 6))
-        samples.append({"key": f"s{i}", "input_ids": np.array([2, *rng.integers(5, 40, t), 3]),
-                        "word_ids": [-1, *range(t), -1],
-                        "features": rng.normal(size=(k, 16)).astype(np.float32),
-                        "boxes": np.sort(rng.random((k, 4)).astype(np.float32), axis=1)})
-    views = [pipe(dict(s), rng, samples if pipe.wants_pool else None) for s in samples]
-    batch = Collator(TinyTokenizer.pad_id, pipe.pad_values)(views)
+    task = tiny_task(["__NAME__"], name="__NAME__")  # resolved and checked as a recipe's task is
+    model = tiny_pretrain_model([task])  # a 2-layer trunk and the objective's heads
+    batch = prepare_batch(model, task, tiny_samples(8))  # prepare + collate, as training does
     loss, metrics = model("__NAME__", batch)
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
@@ -178,8 +154,7 @@ def write_recipe(folder: Path, steps: int = 5) -> Path:
         "seed": 0,
         "output_dir": str(folder / "run"),
         "plugins": [str(PLUGIN)],
-        "model": {"hidden_size": 32, "layers": 2, "heads": 2, "ffn_size": 64, "max_positions": 64,
-                  "region_feature_dim": 192},  # the shapes data's region features are 192-d
+        "model": dict(TINY_MODEL),  # small; the shapes data's region features are 192-d
         "data": {"train": [{"shapes": {"samples": 200, "seed": 0}}],  # generated on first use
                  "val": {"shapes": {"samples": 40, "seed": 1}},
                  "batch_size": 8, "num_workers": 0, "shuffle_buffer": 16},

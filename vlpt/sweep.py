@@ -104,7 +104,9 @@ from typing import Any, Optional, Union
 import yaml
 
 from .errors import RecipeError, UserError, did_you_mean
-from .recipe import Recipe, check_files, from_dict, load_raw, resolve_tasks, to_dict
+from .checks import check_files
+from .recipe import Recipe, from_dict, load_raw, merge, to_dict
+from .tasks import resolve_tasks
 
 SWEEP_KEYS = ("base", "output_dir", "overrides", "variants", "grid", "finetune", "slurm", "report", "anchors")
 FINETUNE_KEYS = ("recipe", "overrides", "carry")
@@ -268,10 +270,7 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
 
 
 def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
-    out = copy.deepcopy(raw)
-    for k, v in overrides.items():
-        set_dotted(out, k, v)
-    return out
+    return merge(raw, overrides)
 
 
 # --------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Generic on purpose, so a new objective adds fields without touching the core:
 
 * ``input_ids`` -> ``(B, T)`` padded with the tokenizer's pad id, plus ``text_mask``;
-* ``features``/``boxes`` -> ``(B, K, D)``/``(B, K, 4)``, plus ``region_mask``;
+* ``features``/``boxes`` -> ``(B, K, D)``/``(B, K, 4)``, plus ``region_mask`` (and a second
+  image's ``features2`` plus ``region_mask2``);
 * any other numpy array is padded along its first axis to the batch maximum with
   the value an objective declares in ``pad_values`` (default 0) — a field as
   long as the text pads to ``T``, one per region to ``K``;
@@ -16,8 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-#: fields that live only in workers and are never batched
-WORKER_ONLY = frozenset({"word_ids", "grounding", "text", "image_bytes"})
+from ..batch import FEATURES, INPUT_IDS, REGION_MASK, SECOND, TEXT_MASK, WORKER_ONLY
+
+#: the mask made for each field of region features
+REGION_MASKS = {FEATURES: REGION_MASK, FEATURES + SECOND: REGION_MASK + SECOND}
 
 
 def _pad_stack(arrays: list[np.ndarray], pad_value: Any) -> np.ndarray:
@@ -40,11 +43,11 @@ class Collator:
         for key in keys:
             values = [v.get(key) for v in views]
             first = values[0]
-            if key == "input_ids":
+            if key == INPUT_IDS:
                 ids = [np.asarray(v, dtype=np.int64) for v in values]
-                batch["input_ids"] = torch.from_numpy(_pad_stack(ids, self.pad_id))
+                batch[INPUT_IDS] = torch.from_numpy(_pad_stack(ids, self.pad_id))
                 lengths = torch.tensor([len(a) for a in ids])
-                batch["text_mask"] = torch.arange(batch["input_ids"].shape[1])[None] < lengths[:, None]
+                batch[TEXT_MASK] = torch.arange(batch[INPUT_IDS].shape[1])[None] < lengths[:, None]
             elif isinstance(first, np.ndarray):
                 if any(v is None for v in values):
                     raise ValueError(f"field '{key}' is missing in some samples of a batch")
@@ -53,9 +56,9 @@ class Collator:
                 if arr.dtype == np.float16 or arr.dtype == np.float64:
                     arr = arr.astype(np.float32)
                 batch[key] = torch.from_numpy(arr)
-                if key == "features":
+                if key in REGION_MASKS:
                     lengths = torch.tensor([len(v) for v in values])
-                    batch["region_mask"] = torch.arange(arr.shape[1])[None] < lengths[:, None]
+                    batch[REGION_MASKS[key]] = torch.arange(arr.shape[1])[None] < lengths[:, None]
             elif isinstance(first, (bool, np.bool_)):
                 batch[key] = torch.tensor(values, dtype=torch.bool)
             elif isinstance(first, (int, np.integer)):

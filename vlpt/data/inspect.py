@@ -17,7 +17,6 @@ with ``tokenizer.json`` beside the first shard when there is one, else in words 
 """
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
@@ -28,6 +27,7 @@ from typing import Any
 
 from ..errors import UserError
 from .samples import BadSample, DecodeSettings, decode_sample
+from .shards import expand_shards
 
 BAR_WIDTH = 30
 MAX_BINS = 12
@@ -44,23 +44,9 @@ class WordTokenizer:
 
 
 def expand(patterns: list[str]) -> list[str]:
-    """Shard paths from paths, brace patterns and globs; a missing local shard is a UserError."""
-    from ..recipe import expand_shards
-
-    urls: list[str] = []
-    for pattern in patterns:
-        for u in expand_shards(os.path.expanduser(pattern)):
-            if "://" in u or u.startswith("pipe:"):
-                urls.append(u)
-            elif glob.has_magic(u):
-                matches = sorted(glob.glob(u))
-                if not matches:
-                    raise UserError(f"shard pattern '{u}' matches no file")
-                urls.extend(matches)
-            elif not Path(u).is_file():
-                raise UserError(f"shard '{u}' not found")
-            else:
-                urls.append(u)
+    """Shard URLs from shard arguments (paths, brace patterns, globs, folders; see
+    :mod:`vlpt.data.shards`); a missing local shard is a UserError."""
+    urls = [u for pattern in patterns for u in expand_shards(pattern)]
     if not urls:
         raise UserError("no shard given")
     return urls

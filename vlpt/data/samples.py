@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from ..batch import FEATURES, IMAGE, INPUT_IDS, KEY, META, MODALITY_FIELDS, SECOND, TEXT, WORD_IDS
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -103,9 +105,20 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
     return arr.transpose(2, 0, 1).copy()  # (3, S, S)
 
 
+def _decode_image_members(raw: dict[str, Any], settings: DecodeSettings, prefix: str, suffix: str) -> dict:
+    """One image of a sample (its ``{prefix}regions.npz``, or pixels for a backbone) as clean fields
+    named with ``suffix``: the first image under ``""``/``""``, a second under ``"2."``/``"2"``."""
+    if settings.image_size is not None:
+        ext = next((prefix + e for e in IMAGE_EXTS if prefix + e in raw), None)
+        return {} if ext is None else {IMAGE + suffix: decode_image(raw[ext], settings.image_size)}
+    if prefix + "regions.npz" not in raw:
+        return {}
+    return {k + suffix: v for k, v in decode_regions(raw[prefix + "regions.npz"], settings).items()}
+
+
 def decode_sample(raw: dict[str, Any], tokenizer, settings: DecodeSettings) -> dict[str, Any]:
-    """A raw webdataset sample (bytes per extension) -> a clean sample dict."""
-    sample: dict[str, Any] = {"key": raw.get("__key__", "")}
+    """A raw webdataset sample (bytes per extension) -> a clean sample dict (see :mod:`vlpt.batch`)."""
+    sample: dict[str, Any] = {KEY: raw.get("__key__", "")}
     if "txt" in raw:
         try:
             text = raw["txt"].decode("utf-8").strip()
@@ -116,49 +129,32 @@ def decode_sample(raw: dict[str, Any], tokenizer, settings: DecodeSettings) -> d
         ids, word_ids = tokenizer.encode(text)
         if len(ids) > settings.max_text_len:
             raise BadSample("caption_too_long", f"{len(ids)} > {settings.max_text_len} tokens")
-        sample.update(text=text, input_ids=np.asarray(ids, dtype=np.int64), word_ids=word_ids)
-    if settings.image_size is not None:
-        img_key = next((e for e in IMAGE_EXTS if e in raw), None)
-        if img_key is not None:
-            sample["image"] = decode_image(raw[img_key], settings.image_size)
-    elif "regions.npz" in raw:
-        sample.update(decode_regions(raw["regions.npz"], settings))
+        sample.update({TEXT: text, INPUT_IDS: np.asarray(ids, dtype=np.int64), WORD_IDS: word_ids})
+    sample.update(_decode_image_members(raw, settings, "", ""))
+    sample.update(_decode_image_members(raw, settings, SECOND + ".", SECOND))
     if "json" in raw:
         try:
             meta = json.loads(raw["json"].decode("utf-8"))
         except Exception:
             raise BadSample("bad_json") from None
         if isinstance(meta, dict):
-            sample["grounding"] = meta
+            sample[META] = meta
     return sample
 
 
-def modalities(sample: dict) -> set[str]:
-    out = set()
-    if "input_ids" in sample:
-        out.add("text")
-    if "features" in sample or "image" in sample:
-        out.add("image")
-    return out
-
-
-#: the fields of a clean sample that belong to each modality
-MODALITY_FIELDS = {
-    "text": ("text", "input_ids", "word_ids"),
-    "image": ("features", "boxes", "soft_labels", "conf", "image"),
-}
-
-
-def keep_modalities(sample: dict, needs: set[str]) -> dict:
+def keep_modalities(sample: dict, needs: set[str] | frozenset[str]) -> dict:
     """The sample without the modalities a task does not use: a text-only task reads captions
     of image-text samples too, and its batches are then all alike."""
-    drop = [f for m, fields in MODALITY_FIELDS.items() if m not in needs for f in fields]
+    drop = {f + suffix for m, fields in MODALITY_FIELDS.items() if m not in needs for f in fields
+            for suffix in ("", SECOND)}
     return {k: v for k, v in sample.items() if k not in drop} if any(f in sample for f in drop) else sample
 
 
 def sample_length(sample: dict) -> int:
-    """Sequence length for token batching: text tokens + regions."""
-    n = len(sample.get("input_ids", ()))
-    if "features" in sample:
-        n += len(sample["features"])
-    return n
+    """Sequence length for token batching: text tokens + regions (twice the text with a second image:
+    it is read once with each)."""
+    n = len(sample.get(INPUT_IDS, ()))
+    length = n + len(sample.get(FEATURES, ()))
+    if FEATURES + SECOND in sample:
+        length += n + len(sample[FEATURES + SECOND])
+    return length

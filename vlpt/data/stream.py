@@ -35,7 +35,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .batching import bucket_batches
 from .collate import Collator
-from .samples import BadSample, DecodeSettings, decode_sample, keep_modalities, modalities, sample_length
+from ..batch import has_field, modalities
+from .samples import BadSample, DecodeSettings, decode_sample, keep_modalities, sample_length
 
 log = logging.getLogger("vlpt.data")
 
@@ -84,6 +85,7 @@ class TaskStream(IterableDataset):
         needs: set[str],
         collator: Collator,
         *,
+        sample_fields: tuple[str, ...] = (),
         batch_tokens: int | None,
         batch_size: int | None,
         bucket_size: int = 8192,
@@ -102,6 +104,7 @@ class TaskStream(IterableDataset):
         self.decode = decode
         self.prepare = prepare
         self.needs = set(needs)
+        self.sample_fields = tuple(sample_fields)
         self.collator = collator
         self.batch_tokens, self.batch_size = batch_tokens, batch_size
         self.bucket_size, self.size_multiple = bucket_size, size_multiple
@@ -170,6 +173,10 @@ class TaskStream(IterableDataset):
                         continue
                     if not self.needs <= modalities(sample):
                         continue  # e.g. a caption-only sample offered to an image-text task
+                    lacking = next((f for f in self.sample_fields if not has_field(sample, f)), None)
+                    if lacking is not None:  # a field the task's objectives read (e.g. a VQA answer)
+                        self._count(f"lacks_{lacking}", sample.get("key", ""))
+                        continue
                     seen += 1
                     yield keep_modalities(sample, self.needs)
             if seen == 0:

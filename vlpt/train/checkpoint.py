@@ -12,32 +12,23 @@ truncated file on a full disk, say) is skipped for the one before it.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-STEP_RE = re.compile(r"^step-(\d{7,})$")
+from ..run_dir import STATE, TRAINER_STATE, WEIGHTS, RunDir, rank_file_name
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     """Finished checkpoints, oldest first."""
-    root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_RE.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
-
-
-def step_of(ckpt: Path) -> int:
-    return int(STEP_RE.match(ckpt.name).group(1))
+    return RunDir(output_dir).checkpoints()
 
 
 def staging_dir(output_dir: str | Path, step: int, fresh: bool = True) -> Path:
     """The temporary folder a checkpoint is written into before it is renamed to ``step-*``."""
-    tmp = Path(output_dir) / "checkpoints" / f".tmp-step-{step:07d}"
+    tmp = RunDir(output_dir).staging(step)
     if fresh:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -46,24 +37,24 @@ def staging_dir(output_dir: str | Path, step: int, fresh: bool = True) -> Path:
 
 
 def rank_file(ckpt: Path, rank: int) -> Path:
-    return Path(ckpt) / f"rank-{rank:05d}.pt"
+    return Path(ckpt) / rank_file_name(rank)
 
 
 def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, optimizer=None, scheduler=None,
                     extra: dict | None = None, keep: int | None = None, staged: bool = False,
                     scaler=None) -> Path:
     """Write ``step-NNNNNNN``; with ``staged``, other ranks have already put their files in :func:`staging_dir`."""
-    root = Path(output_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
+    run = RunDir(output_dir)
+    run.checkpoint_root.mkdir(parents=True, exist_ok=True)
+    final = run.checkpoint(step)
     tmp = staging_dir(output_dir, step, fresh=not staged)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "step": str(step)})
+    save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "step": str(step)})
     if optimizer is not None:
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
                     "scaler": scaler.state_dict() if scaler is not None else None},
-                   tmp / "trainer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2) + "\n")
+                   tmp / TRAINER_STATE)
+    (tmp / STATE).write_text(json.dumps({"step": step, **(extra or {})}, indent=2) + "\n")
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -74,19 +65,19 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, o
 
 
 def load_model_weights(model: torch.nn.Module, ckpt: str | Path, strict: bool = True) -> None:
-    state = load_file(str(Path(ckpt) / "model.safetensors"))
+    state = load_file(str(Path(ckpt) / WEIGHTS))
     model.load_state_dict(state, strict=strict)
 
 
 def load_trainer_state(ckpt: str | Path) -> dict | None:
-    path = Path(ckpt) / "trainer.pt"
+    path = Path(ckpt) / TRAINER_STATE
     if not path.is_file():
         return None
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_state(ckpt: str | Path) -> dict:
-    return json.loads((Path(ckpt) / "state.json").read_text())
+    return json.loads((Path(ckpt) / STATE).read_text())
 
 
 def load_rank_state(ckpt: str | Path, rank: int) -> dict | None:
@@ -106,9 +97,9 @@ def readable(ckpt: Path, rank: int) -> str | None:
     try:
         state = read_state(ckpt)
         int(state["step"])
-        with safe_open(str(ckpt / "model.safetensors"), framework="pt"):  # checks the header against the file size
+        with safe_open(str(ckpt / WEIGHTS), framework="pt"):  # checks the header against the file size
             pass
-        for path in (ckpt / "trainer.pt", rank_file(ckpt, rank)):
+        for path in (ckpt / TRAINER_STATE, rank_file(ckpt, rank)):
             if path.is_file():
                 with zipfile.ZipFile(path) as z:  # torch.save writes a zip: CRCs without unpickling twice
                     bad = z.testzip()

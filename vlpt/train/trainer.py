@@ -26,81 +26,25 @@ from typing import Any
 import torch
 import yaml
 
-from ..build import (Built, build_model, data_loader, stop_workers, decode_settings, eval_collator,
-                     probe_sources, task_streams, validate)
+from ..build import (Built, build_model, data_loader, decode_settings, eval_collator, note, stop_workers,
+                     task_streams, validate)
 from ..data.collate import move_to
-from ..data.sources import resolve_sources
+from ..data.sources import probe_sources, resolve_sources
 from ..errors import UserError
 from ..eval import EvalData, evaluate, load_samples
 from ..recipe import Recipe, to_dict
+from ..run_dir import RunDir
 from . import rng
-from .checkpoint import (checkpoint_dirs, load_model_weights, load_rank_state, load_trainer_state, rank_file,
-                         read_state, readable, save_checkpoint, staging_dir)
+from .checkpoint import (load_model_weights, load_rank_state, load_trainer_state, rank_file, read_state, readable,
+                         save_checkpoint, staging_dir)
+from .accel import make_accelerator
 from .flops import device_peak_flops, train_step_flops
+from .logbook import Logbook, MetricsLog, batch_stats, flatten
 from .mixing import TaskMixer
 from .optim import build_optimizer, build_scheduler
 
 
-class MetricsLog:
-    """``metrics.jsonl``: one JSON object per logged step (main process only)."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.path = path
-        self.enabled = enabled
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
 STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)
-
-
-def tracker_names(recipe: Recipe) -> list[str]:
-    """The recipe's trackers, checked to be known and installed (a missing extra is a user error)."""
-    known = {"tensorboard": "tensorboard", "wandb": "wandb"}
-    for name in recipe.log.trackers:
-        if name not in known:
-            raise UserError(f"log.trackers: unknown tracker {name!r}; known: {', '.join(known)}")
-        try:
-            __import__(known[name] if name != "tensorboard" else "torch.utils.tensorboard")
-        except ImportError:
-            raise UserError(f"log.trackers: {name} is not installed; pip install 'vlpt[{name}]'") from None
-    return list(recipe.log.trackers)
-
-
-def make_accelerator(recipe: Recipe):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    precision = recipe.train.precision
-    if precision == "fp16" and not torch.cuda.is_available():
-        print("vlpt: train.precision=fp16 needs a GPU; on CPU accelerate runs fp32 (use bf16 on CPU)", file=sys.stderr)
-    # With task sampling, each update uses only its task's heads: DDP must expect unused parameters.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=len(recipe.tasks) > 1 or recipe.mixing == "sample")
-    # several processes and no GPU (e.g. torchrun on CPUs): accelerate only sets up gloo ranks when told cpu=True
-    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    trackers = tracker_names(recipe)
-    return Accelerator(mixed_precision=precision, kwargs_handlers=[ddp], cpu=multi_cpu,
-                       log_with=trackers or None, project_dir=recipe.output_dir if trackers else None)
-
-
-def batch_stats(batch: dict) -> tuple[int, int, int]:
-    """(samples, real tokens, padded tokens) of a batch, read while it is still on the CPU
-    (on a GPU, summing the masks there would make every micro-batch wait for the device)."""
-    size = next((int(batch[k].shape[0]) for k in ("input_ids", "features", "image") if torch.is_tensor(batch.get(k))), 0)
-    real = padded = 0
-    for m in ("text_mask", "region_mask"):
-        if torch.is_tensor(batch.get(m)):
-            real += int(batch[m].sum())
-            padded += batch[m].numel()
-    return size, real, padded
-
-
-def as_floats(record: dict[str, Any]) -> dict[str, Any]:
-    """Tensors (losses, metrics kept on the device during the step) as Python floats, for logging."""
-    return {k: float(v) if torch.is_tensor(v) else v for k, v in record.items()}
 
 
 class Trainer:
@@ -109,6 +53,7 @@ class Trainer:
         if recipe.train.threads:
             torch.set_num_threads(recipe.train.threads)
         self.out = Path(recipe.output_dir)
+        self.run = RunDir(self.out)
         tasks = validate(recipe)  # cheap checks before anything heavy
         self._check_output_dir(resume, force)
         self.accelerator = make_accelerator(recipe)
@@ -121,13 +66,16 @@ class Trainer:
             self.sources, self.val_source = resolve_sources(recipe, progress=progress, quiet=not acc.is_main_process)
         self.built: Built = build_model(recipe, tasks)
         model = self.built.model
-        self.carried = probe_sources(tasks, self.sources, decode_settings(recipe, model), self.built.tokenizer)
+        for line in filter(None, (self.built.init_report, self.built.tokenizer.note(recipe.data.max_text_len))):
+            note(line)
+        self.feeding = probe_sources(tasks, self.sources, decode_settings(recipe, model), self.built.tokenizer)
         self.optimizer = build_optimizer(model, recipe.train)
         self.scheduler = build_scheduler(self.optimizer, recipe.train)
         self.start_step = 0
         self.resumed_from = None
         self.consumed: Counter = Counter()  # batches taken from each task's loader: the data cursor
         self.bad_updates = 0
+        self.wall_before = 0.0  # training seconds of the attempts before a resume
         self.skipped: Counter = Counter()
         self.read = 0
         rank_state = None
@@ -136,13 +84,13 @@ class Trainer:
             rank_state = self._resume(ckpt)
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
         self.mixer = TaskMixer([t.name for t in tasks], [t.weight for t in tasks], recipe.mixing, recipe.seed)
-        streams = task_streams(self.built, self.sources, acc.process_index, acc.num_processes, self.carried)
+        streams = task_streams(self.built, self.sources, acc.process_index, acc.num_processes, self.feeding)
         for name, s in streams.items():
             s.resume_batches = self.consumed[name]
         self.loaders = {name: data_loader(s, recipe.data.num_workers, seed=recipe.seed)
                         for name, s in streams.items()}
         self.iters: dict[str, Any] = {}
-        self.metrics = MetricsLog(self.out / "metrics.jsonl", acc.is_main_process)
+        self.metrics = MetricsLog(self.run.metrics, acc.is_main_process)
         self.vl_config = model.vl.config
         self.peak_flops, self.peak_source = device_peak_flops(acc.device, recipe.train.precision)
         self._eval_data = None
@@ -154,22 +102,17 @@ class Trainer:
 
     # -- set-up ------------------------------------------------------------------------
     def _check_output_dir(self, resume: bool, force: bool) -> None:
-        has_ckpt = bool(checkpoint_dirs(self.out))
+        has_ckpt = bool(self.run.checkpoints())
         if not resume and has_ckpt and not force:
             raise UserError(f"output_dir '{self.out}' already holds checkpoints; use --force to start over there "
                             "(or drop --no-resume to continue the run)")
-        if not resume and force and self.out.exists():
-            import shutil
-
-            if int(os.environ.get("RANK", "0")) == 0:
-                for name in ("checkpoints", "metrics.jsonl", "eval.json"):
-                    p = self.out / name
-                    shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        if not resume and force and self.out.exists() and int(os.environ.get("RANK", "0")) == 0:
+            self.run.clear_outputs()
 
     def _pick_checkpoint(self) -> Path | None:
         """The newest checkpoint every rank can read; an unreadable one is skipped with a warning."""
         acc = self.accelerator
-        found = checkpoint_dirs(self.out)
+        found = self.run.checkpoints()
         chosen = -1
         for i in range(len(found) - 1, -1, -1):
             why = readable(found[i], acc.process_index)
@@ -201,6 +144,7 @@ class Trainer:
         self.start_step = info["step"]
         self.consumed = Counter(info.get("consumed", {}))
         self.bad_updates = int(info.get("bad_updates", 0))
+        self.wall_before = float(info.get("wall_s", 0.0))
         readers = {"processes": self.accelerator.num_processes, "num_workers": self.recipe.data.num_workers}
         if info.get("readers", readers) != readers:
             print(f"vlpt: warning: {ckpt} was written with {info['readers']}, this run has {readers}: the data is "
@@ -214,22 +158,8 @@ class Trainer:
             print(f"vlpt: warning: {ckpt} has no state for rank {self.accelerator.process_index}: RNG states "
                   "start fresh, so the run will not repeat an uninterrupted one exactly", file=sys.stderr)
         if self.accelerator.is_main_process:
-            self._truncate_metrics(self.start_step)
+            self.run.truncate_metrics(self.start_step)  # the resumed run logs the steps after it again
         return rank_state
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop metrics.jsonl lines past the checkpoint: the resumed run logs those steps again."""
-        path = self.out / "metrics.jsonl"
-        if not path.is_file():
-            return
-        keep = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
-            except json.JSONDecodeError:
-                pass  # a line cut short by a kill
-        path.write_text("".join(l + "\n" for l in keep))
 
     def _next_batch(self, task: str) -> tuple[dict, tuple[int, int, int]]:
         """The task's next batch on the device, and its (samples, real tokens, padded tokens)."""
@@ -303,7 +233,8 @@ class Trainer:
     def check_bad_fraction(self, step: int) -> None:
         """Stop (on every rank at once) when too many samples were skipped as bad."""
         acc = self.accelerator
-        counts = torch.tensor([float(sum(self.skipped.values())), float(self.read)], device=acc.device)
+        bad = sum(v for k, v in self.skipped.items() if not k.startswith("lacks_"))  # broken, not unsuited, data
+        counts = torch.tensor([float(bad), float(self.read)], device=acc.device)
         skipped, read = (float(v) for v in acc.reduce(counts, reduction="sum"))
         limit = self.recipe.data.max_bad_fraction
         if read >= 100 and skipped / read > limit:
@@ -328,7 +259,7 @@ class Trainer:
         result = None
         if acc.is_main_process and self.eval_data() is not None:
             result = {"step": step, **evaluate(acc.unwrap_model(self.model), self.eval_data())}
-            (self.out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+            self.run.write_eval(result)
             self.metrics.write({"step": step, "time": time.time(), **{f"eval/{k}": v for k, v in result.items() if k != "step"}})
         acc.wait_for_everyone()
         return result
@@ -347,6 +278,7 @@ class Trainer:
         if acc.is_main_process:
             save_checkpoint(self.out, step, acc.unwrap_model(self.model), self.optimizer, self.scheduler,
                             extra={"consumed": dict(self.consumed), "bad_updates": self.bad_updates,
+                                   "wall_s": round(self.wall_before + time.time() - self.t_fit, 1),
                                    "readers": {"processes": acc.num_processes,
                                                "num_workers": self.recipe.data.num_workers}},
                             keep=self.recipe.checkpoint.keep, staged=True, scaler=acc.scaler)
@@ -403,67 +335,46 @@ class Trainer:
         finally:
             self._close(previous)
 
-    def _fit(self) -> dict[str, float] | None:
+    def _start(self) -> Logbook:
+        """The run's first lines: recipe and tokenizer into the run folder, trackers, the bar."""
         r, acc = self.recipe, self.accelerator
-        steps = r.train.steps
+        self.t_fit = time.time()
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            with open(self.out / "recipe.yaml", "w") as f:
+            self.run.clear_done()  # done again only when this attempt reaches train.steps
+            with open(self.run.recipe, "w") as f:
                 yaml.safe_dump(to_dict(r), f, sort_keys=False)
+            self.built.tokenizer.save(self.run.tokenizer)
             where = f"resuming from {self.resumed_from}" if self.resumed_from else "starting"
             n = acc.unwrap_model(self.model).vl.num_parameters()
-            print(f"vlpt: {where}: {steps} steps, tasks {', '.join(r.tasks)} ({r.mixing}), "
+            print(f"vlpt: {where}: {r.train.steps} steps, tasks {', '.join(r.tasks)} ({r.mixing}), "
                   f"{n / 1e6:.1f}M parameters, {acc.num_processes} process(es) on {acc.device}, output in {self.out}",
                   file=sys.stderr)
         if acc.log_with:
-            flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flatten(to_dict(r)).items()}
+            flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(to_dict(r)).items()}
             acc.init_trackers(r.log.project or self.out.name, config=flat)
-        self.model.train()
         bar = None
         if r.log.progress and acc.is_main_process:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=steps, initial=self.start_step, desc="train", unit="step", dynamic_ncols=True)
-        ema: dict[str, float] = {}
-        t_last, samples_since, tokens_since, flops_since = time.time(), 0, 0, 0.0
-        t_start, samples_total = time.time(), 0
-        result = None
+            bar = tqdm(total=r.train.steps, initial=self.start_step, desc="train", unit="step", dynamic_ncols=True)
+        return Logbook(self.metrics, acc, self.peak_flops, bar)
+
+    def _fit(self) -> dict[str, float] | None:
+        r, acc = self.recipe, self.accelerator
+        steps = r.train.steps
+        log = self._start()
+        self.model.train()
         last_saved = self.start_step if self.resumed_from else None
         for step in range(self.start_step, steps):
             rec = self.train_step(step)
-            samples_since += rec["samples"] * acc.num_processes
-            samples_total += rec["samples"] * acc.num_processes
-            tokens_since += rec["tokens"] * acc.num_processes
-            flops_since += rec["flops"]
-            for k, v in rec.items():
-                if k.startswith("loss/"):
-                    ema[k[5:]] = v if k[5:] not in ema else 0.95 * ema[k[5:]] + 0.05 * v
+            log.step(rec)
             done = step + 1
-            logging_step = done % r.log.every == 0 or done == steps
-            if bar is not None:
-                bar.update(1)
-            if logging_step:
-                rec = as_floats(rec)
-                now = time.time()
-                dt = max(now - t_last, 1e-9)
-                rec.update(step=done, lr=self.scheduler.get_last_lr()[0], samples_per_s=samples_since / dt,
-                           tokens_per_s=tokens_since / dt, time=now, mfu=flops_since / dt / self.peak_flops,
-                           padding=1 - rec["tokens"] / max(rec["padded_tokens"], 1))
-                rec.update({f"data/skipped/{k}": v for k, v in self.skipped.items()})
-                if acc.device.type == "cuda":
-                    rec["peak_memory_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
+            if done % r.log.every == 0 or done == steps:
+                extra = {f"data/skipped/{k}": v for k, v in self.skipped.items()}
                 if self.bad_updates:
-                    rec["bad_updates"] = self.bad_updates
-                first = ("step", "task", "loss", "lr", "samples_per_s")  # the contract's keys lead each line
-                self.metrics.write({**{k: rec[k] for k in first}, **rec})
-                if acc.log_with:
-                    acc.log({k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"}, step=done)
-                t_last, samples_since, tokens_since, flops_since = now, 0, 0, 0.0
-                if bar is not None:
-                    rate = samples_total / max(now - t_start, 1e-9)
-                    bar.set_postfix_str(" ".join(f"{t}={float(v):.3f}" for t, v in ema.items())
-                                        + f" {rate:.0f} samples/s {rec['tokens_per_s']:.0f} tok/s"
-                                        f" pad={rec['padding']:.0%} mfu={rec['mfu']:.1%}")
+                    extra["bad_updates"] = self.bad_updates
+                log.write(rec, done, self.scheduler.get_last_lr()[0], extra)
                 self.check_bad_fraction(done)
             if r.eval.every and done % r.eval.every == 0 and done != steps:
                 self.run_eval(done)
@@ -472,8 +383,7 @@ class Trainer:
                 self.save(done)
                 last_saved = done
             if done != steps and self._stop_requested():
-                if bar is not None:
-                    bar.close()
+                log.close()
                 if last_saved != done:
                     self.save(done)
                 if acc.is_main_process:
@@ -482,35 +392,28 @@ class Trainer:
                           f"run the same command to resume", file=sys.stderr)
                 acc.end_training()
                 return None
-        if bar is not None:
-            bar.close()
+        log.close()
         if r.checkpoint.at_end and last_saved != steps:
             self.save(steps)
-        if r.eval.at_end:
-            result = self.run_eval(steps)
+        result = self.run_eval(steps) if r.eval.at_end else None
         if acc.is_main_process:
-            ckpt = checkpoint_dirs(self.out)
-            files = [f for f in ("recipe.yaml", "metrics.jsonl", "eval.json") if (self.out / f).exists()]
-            files += [f"{ckpt[-1].relative_to(self.out)}/"] if ckpt else []
-            print(f"vlpt: done. outputs in {self.out}/ ({', '.join(files)})", file=sys.stderr)
-            if result:
-                shown = {k: round(v, 3) for k, v in result.items() if k != "step"}
-                print("vlpt: eval " + json.dumps(shown), file=sys.stderr)
-            print(f"vlpt: evaluate again: vlpt eval {self.out}\n"
-                  f"vlpt: train further:  vlpt train {r.source or 'RECIPE'} output_dir={self.out} train.steps=N "
-                  f"(resumes from the latest checkpoint)", file=sys.stderr)
+            self.run.mark_done(steps, wall_s=self.wall_before + time.time() - self.t_fit)
+            self._say_done(result)
         acc.end_training()
         return result
 
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+    def _say_done(self, result: dict[str, float] | None) -> None:
+        r = self.recipe
+        ckpt = self.run.latest_checkpoint()
+        files = [p.name for p in (self.run.recipe, self.run.metrics, self.run.eval, self.run.done) if p.exists()]
+        files += [f"{ckpt.relative_to(self.out)}/"] if ckpt else []
+        print(f"vlpt: done. outputs in {self.out}/ ({', '.join(files)})", file=sys.stderr)
+        if result:
+            shown = {k: round(v, 3) for k, v in result.items() if k != "step"}
+            print("vlpt: eval " + json.dumps(shown), file=sys.stderr)
+        print(f"vlpt: evaluate again: vlpt eval {self.out}\n"
+              f"vlpt: train further:  vlpt train {r.source or 'RECIPE'} output_dir={self.out} train.steps=N "
+              f"(resumes from the latest checkpoint)", file=sys.stderr)
 
 
 def train(recipe: Recipe, resume: bool = True, force: bool = False) -> dict[str, float] | None:

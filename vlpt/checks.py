@@ -1,0 +1,54 @@
+"""Checks of what a recipe names, before any heavy work: files, folders, batch settings.
+
+Each failure is a :class:`~vlpt.errors.RecipeError` naming the recipe key. (Types and unknown keys
+are checked when the recipe loads, objectives and tasks when :func:`vlpt.tasks.resolve_tasks`
+resolves them.)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .data.shards import expand_shards
+from .errors import RecipeError, UserError
+from .recipe import Recipe
+
+
+def check_init_from(path: str) -> None:
+    """``model.init_from``: a Hugging Face BERT folder, a vlpt run folder or a vlpt checkpoint."""
+    from .run_dir import RECIPE, WEIGHTS
+
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise RecipeError(f"recipe key 'model.init_from': folder '{path}' not found")
+    if not ((p / "config.json").is_file() or (p / RECIPE).is_file() or (p / WEIGHTS).is_file()):
+        raise RecipeError(f"recipe key 'model.init_from': '{path}' is neither a Hugging Face checkpoint folder "
+                          f"(config.json) nor a vlpt run ({RECIPE}) or checkpoint ({WEIGHTS}) folder")
+
+
+def check_files(recipe: Recipe, data: bool = True) -> None:
+    """Every local file the recipe names must exist (shards, checkpoint folder, tokenizer).
+
+    ``data=False`` skips the data files (shards, tokenizer), for dry runs.
+    """
+    m, d = recipe.model, recipe.data
+    if m.init_from is not None:
+        check_init_from(m.init_from)
+    if data and m.tokenizer is not None and not Path(m.tokenizer).expanduser().exists():
+        raise RecipeError(f"recipe key 'model.tokenizer': '{m.tokenizer}' not found")
+    if not d.train:
+        raise RecipeError("recipe key 'data.train' is empty: name at least one source")
+    if (d.batch_tokens is None) == (d.batch_size is None):
+        raise RecipeError("recipe keys 'data.batch_tokens' and 'data.batch_size': set exactly one of them")
+    sources = [(f"data.train.{i}", s) for i, s in enumerate(d.train)]
+    if d.val is not None:
+        sources.append(("data.val", d.val))
+    for path, src in sources:
+        if (src.shards is None) == (src.shapes is None):
+            raise RecipeError(f"recipe key '{path}': set exactly one of 'shards' and 'shapes'")
+        if src.weight < 0:
+            raise RecipeError(f"recipe key '{path}.weight' must be >= 0")
+        if src.shards is not None and data:
+            try:
+                expand_shards(src.shards)
+            except UserError as e:
+                raise RecipeError(f"recipe key '{path}.shards': {e} (pattern '{src.shards}')") from None
