@@ -63,7 +63,7 @@ def build_model(recipe: Recipe, tasks: list[TaskSpec] | None = None, load_init: 
     vl = VLModel(mcfg)
     vl.trunk.activation_checkpointing = mcfg.activation_checkpointing
     model = PretrainModel(vl, tasks, tokenizer)
-    report = load_init_weights(model, mcfg.init_from) if mcfg.init_from and load_init else None
+    report = load_init_weights(model, mcfg.init_from, mcfg.init_heads) if mcfg.init_from and load_init else None
     return Built(recipe, tasks, tokenizer, model, report)
 
 

@@ -51,7 +51,10 @@ class ModelConfig:
     max_positions: int = 512  # max_position_embeddings
     region_feature_dim: int = 2048  # D of regions.npz features (ignored with image_backbone)
     vocab_size: Optional[int] = None  # None: the tokenizer's size
-    init_from: Optional[str] = None  # a local Hugging Face BERT checkpoint folder (its sizes win)
+    # a Hugging Face BERT folder, or a vlpt run or checkpoint folder (embedders and trunk; heads fresh);
+    # its sizes win over the ones above
+    init_from: Optional[str] = None
+    init_heads: bool = False  # with a vlpt init_from: also the objectives' heads whose names and shapes match
     tokenizer: Optional[str] = None  # tokenizer.json / HF folder; None: tokenizer.json beside the train shards
     image_backbone: Optional[BackboneConfig] = None
     activation_checkpointing: bool = False  # recompute trunk layers in backward: less memory, ~1/3 more compute

@@ -156,7 +156,7 @@ class RunDir:
     def finished(self, steps: int) -> bool:
         """The trainer marked the run done at ``steps`` or later."""
         done = self.read_done()
-        return bool(done) and int(done.get("step", -1)) >= steps
+        return bool(done) and int(done.get("step", done.get("steps", -1))) >= steps  # "steps": older sweeps
 
     def mark_done(self, step: int, wall_s: float | None = None, **extra: Any) -> None:
         """The completion marker (main process only), with where and how long the run trained."""

@@ -63,8 +63,9 @@ def apply_init_config(mcfg: ModelConfig, path: str | Path) -> ModelConfig:
     return mcfg
 
 
-def load_init_weights(model: torch.nn.Module, path: str | Path) -> str:
-    """Load the init checkpoint into a :class:`vlpt.tasks.PretrainModel`; a report of what was loaded."""
+def load_init_weights(model: torch.nn.Module, path: str | Path, heads: bool = False) -> str:
+    """Load the init checkpoint into a :class:`vlpt.tasks.PretrainModel` (with ``heads``, a vlpt
+    run's objective heads too, where names and shapes match); a report of what was loaded."""
     if not is_vlpt_init(path):
         fresh = set(load_bert_into(model.vl, path))
         own = model.vl.state_dict()
@@ -75,7 +76,8 @@ def load_init_weights(model: torch.nn.Module, path: str | Path) -> str:
     from safetensors.torch import load_file
 
     run, ckpt = _run_and_checkpoint(path)
-    weights = {k[len("vl."):]: v for k, v in load_file(str(ckpt / WEIGHTS)).items() if k.startswith("vl.")}
+    saved = load_file(str(ckpt / WEIGHTS))
+    weights = {k[len("vl."):]: v for k, v in saved.items() if k.startswith("vl.")}
     own = model.vl.state_dict()
     wrong = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
     if wrong:
@@ -83,7 +85,13 @@ def load_init_weights(model: torch.nn.Module, path: str | Path) -> str:
                         f"the model expects {tuple(own[wrong[0]].shape)} (different model sizes?)")
     missing = sorted(set(own) - set(weights))
     model.vl.load_state_dict(weights, strict=False)
-    heads = ", ".join(model.objectives) or "none"
     note = f"; left at init: {', '.join(missing[:5])}" if missing else ""
-    return (f"model.init_from: loaded the encoder ({len(weights)} tensors: embedders, trunk, pooler) from {ckpt}; "
-            f"fresh heads: {heads}{note}")
+    if not heads:
+        return (f"model.init_from: loaded the encoder ({len(weights)} tensors: embedders, trunk, pooler) from {ckpt}; "
+                f"fresh heads: {', '.join(model.objectives) or 'none'}{note}")
+    mine = model.objectives.state_dict()
+    carried = {k[len("objectives."):]: v for k, v in saved.items() if k.startswith("objectives.")
+               and k[len("objectives."):] in mine and mine[k[len("objectives."):]].shape == v.shape}
+    model.objectives.load_state_dict(carried, strict=False)
+    return (f"model.init_from: loaded the encoder ({len(weights)} tensors) and {len(carried)} of "
+            f"{len(mine)} head tensors (matching names and shapes) from {ckpt}{note}")
