@@ -270,7 +270,7 @@ def _check_converted(out: Path, data: dict, D: int = 24) -> list[dict]:
     samples = [decode_sample(raw, WordTokenizer(), DecodeSettings(feature_dim=D))
                for p in sorted(out.glob("*.tar")) for raw in read_tar_samples(str(p), print)]
     for s in samples:
-        dump = data["dumps"][s["grounding"]["img_fname"]]
+        dump = data["dumps"][s["meta"]["img_fname"]]
         np.testing.assert_array_equal(s["boxes"], dump["norm_bb"][: len(s["boxes"]), :4])
         np.testing.assert_array_equal(s["features"], dump["features"][: len(s["features"])])
         assert s["features"].dtype == np.float16 and s["soft_labels"].shape[1] == 9 and len(s["conf"]) == len(s["boxes"])
@@ -287,7 +287,7 @@ def test_uniter_npz_folder_and_jsonl_text_db(tmp_path, uniter_to_shards, capsys)
     samples = _check_converted(out, data)
     assert len(samples) == 12
     assert sorted(s["text"] for s in samples)[0] == "caption 0 of image 0"
-    assert all(len(s["boxes"]) == len(data["dumps"][s["grounding"]["img_fname"]]["features"]) for s in samples)
+    assert all(len(s["boxes"]) == len(data["dumps"][s["meta"]["img_fname"]]["features"]) for s in samples)
     assert uniter_to_shards.main(args) == 0  # resumes: everything already there
     assert "3 of 3 shard(s) already complete" in capsys.readouterr().err
 
@@ -296,7 +296,7 @@ def test_uniter_npz_folder_and_jsonl_text_db(tmp_path, uniter_to_shards, capsys)
     assert uniter_to_shards.main(args[:4] + ["--out", str(out2), "--conf-th", "0.5", "--min-bb", "2", "--max-bb", "4",
                                              "--workers", "1", "--quiet"]) == 0
     for s in _check_converted(out2, data):
-        conf = data["dumps"][s["grounding"]["img_fname"]]["conf"]
+        conf = data["dumps"][s["meta"]["img_fname"]]["conf"]
         assert len(s["boxes"]) == min(4, max(2, int((conf > 0.5).sum())))
 
     # captions only as input_ids: needs --tokenizer, says so in one line

@@ -26,6 +26,11 @@ Boxes: ``--grid G`` pools a regular G x G grid (``--grid 6``: 36 regions). Witho
 ``--grid`` each sample's own boxes are used: ``boxes`` in its ``regions.npz`` or a
 ``"boxes"`` list in its ``json`` metadata, normalized ``x1, y1, x2, y2``.
 
+A sample with a second image (``2.jpg``/``2.png``/..., NLVR2's right image from
+``tools/nlvr2_to_shards.py``) gets ``2.regions.npz`` for it too, the same way (its own
+boxes: ``boxes`` in ``2.regions.npz`` or a ``"boxes2"`` list in ``json``); both images of a
+sample go through the same forward pass.
+
 Weights: ``--pretrained hub`` (default) downloads the model's pretrained weights (online
 only); ``--weights PATH`` loads a local ``.safetensors`` file or a PyTorch state dict
 (``torch.load(weights_only=True)``: never unpickles code); ``--pretrained none`` keeps
@@ -35,8 +40,9 @@ Everything else in a sample is copied unchanged. A sample without an image is co
 as it is; one whose image cannot be read, or whose boxes are missing or invalid, is
 dropped and counted. Decoding is safe (``np.load(allow_pickle=False)``, JSON, Pillow).
 Each output shard is written to a temporary name and renamed when complete, so a second
-run skips the shards already done. ``tokenizer.json`` beside the input shards is copied
-to ``--out``; ``extract_regions.json`` there records the settings and ``D``.
+run skips the shards already done. ``tokenizer.json`` and ``answer_vocab.json`` (VQA)
+beside the input shards are copied to ``--out``; ``extract_regions.json`` there records the
+settings and ``D``.
 
 Examples::
 
@@ -61,19 +67,23 @@ import os
 import shutil
 import sys
 import tarfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-
-from vlpt.data.samples import npz_bytes  # noqa: E402
-from vlpt.errors import UserError, run_command, tool_parser  # noqa: E402
+from vlpt.data.samples import IMAGE_EXTS, npz_bytes
+from vlpt.data.shard_writer import Progress, add_member
+from vlpt.errors import UserError, run_command, tool_parser
 
 PROG = "extract_regions"
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-TAR_MTIME = 0
+#: member prefix of each image a sample may hold: the first (``jpg``, ``regions.npz``) and a
+#: second (``2.jpg``, ``2.regions.npz``: NLVR2's right image)
+IMAGE_SLOTS = ("", "2.")
+#: the ``json`` key with a slot's own boxes
+JSON_BOXES = {"": "boxes", "2.": "boxes2"}
+#: files beside the input shards copied beside the output shards (the first found)
+SIDE_FILES = ("tokenizer.json", "answer_vocab.json")
 
 
 class Skip(Exception):
@@ -242,12 +252,13 @@ def grid_boxes(g: int) -> np.ndarray:
     return np.stack([x / g, y / g, (x + 1) / g, (y + 1) / g], -1).reshape(-1, 4).astype(np.float32)
 
 
-def sample_boxes(raw: dict) -> np.ndarray:
-    """The sample's own normalized boxes: ``regions.npz`` ``boxes``, else ``json`` ``"boxes"``."""
+def sample_boxes(raw: dict, slot: str = "") -> np.ndarray:
+    """An image's own normalized boxes: ``{slot}regions.npz`` ``boxes``, else the ``json`` list
+    ``"boxes"`` (the second image's: ``"boxes2"``)."""
     boxes = None
-    if "regions.npz" in raw:
+    if slot + "regions.npz" in raw:
         try:
-            with np.load(io.BytesIO(raw["regions.npz"]), allow_pickle=False) as z:
+            with np.load(io.BytesIO(raw[slot + "regions.npz"]), allow_pickle=False) as z:
                 if "boxes" in z.files:
                     boxes = z["boxes"]
         except Exception:
@@ -257,9 +268,9 @@ def sample_boxes(raw: dict) -> np.ndarray:
             meta = json.loads(raw["json"].decode("utf-8"))
         except Exception:
             raise Skip("bad_json") from None
-        if isinstance(meta, dict) and "boxes" in meta:
+        if isinstance(meta, dict) and JSON_BOXES[slot] in meta:
             try:
-                boxes = np.asarray(meta["boxes"], dtype=np.float32)
+                boxes = np.asarray(meta[JSON_BOXES[slot]], dtype=np.float32)
             except (TypeError, ValueError):
                 raise Skip("bad_boxes") from None
     if boxes is None:
@@ -297,23 +308,17 @@ def read_samples(url: str, counts: dict):
     yield from read_tar_samples(url, on_error)
 
 
-def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
-    info.uname = info.gname = "vlpt"
-    tar.addfile(info, io.BytesIO(data))
-
-
-def write_sample(tar: tarfile.TarFile, raw: dict, regions: bytes | None) -> None:
+def write_sample(tar: tarfile.TarFile, raw: dict, regions: dict[str, bytes]) -> None:
+    """The sample's members as they were, except the ``regions`` members (name -> npz bytes), added last."""
     key = raw["__key__"]
     for ext, value in raw.items():
-        if ext.startswith("__") or (ext == "regions.npz" and regions is not None):
+        if ext.startswith("__") or ext in regions:
             continue
         if isinstance(value, str):
             value = value.encode("utf-8")
         add_member(tar, f"{key}.{ext}", value)
-    if regions is not None:
-        add_member(tar, f"{key}.regions.npz", regions)
+    for ext, data in regions.items():
+        add_member(tar, f"{key}.{ext}", data)
 
 
 # --------------------------------------------------------------------------------------
@@ -333,31 +338,12 @@ def expand_inputs(patterns: list[str]) -> list[str]:
     return urls
 
 
-class _Progress:
-    """tqdm when installed, else a line on stderr every few seconds."""
-
-    def __init__(self, desc: str, disable: bool):
-        self.bar, self.desc, self.disable, self.n, self.last = None, desc, disable, 0, 0.0
-        if not disable:
-            try:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(desc=desc, unit="sample", dynamic_ncols=True)
-            except ImportError:
-                pass
-
-    def update(self, n: int, postfix: str = "") -> None:
-        self.n += n
-        if self.bar is not None:
-            self.bar.update(n)
-            self.bar.set_postfix_str(postfix)
-        elif not self.disable and time.monotonic() - self.last > 5:
-            self.last = time.monotonic()
-            print(f"{self.desc}: {self.n} samples {postfix}", file=sys.stderr)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def copy_side_files(urls: list[str], out: Path) -> None:
+    """Files beside the input shards that serve the output too (the tokenizer, VQA's answers)."""
+    for name in SIDE_FILES:
+        side = next((Path(u).parent / name for u in urls if "://" not in u and (Path(u).parent / name).is_file()), None)
+        if side is not None and not (out / name).exists():
+            shutil.copyfile(side, out / name)
 
 
 def process_shard(url: str, dest: Path, extractor: RegionExtractor, args, counts: dict, bar, pool, autocast) -> int:
@@ -368,34 +354,39 @@ def process_shard(url: str, dest: Path, extractor: RegionExtractor, args, counts
     feat_dtype = np.float16 if args.dtype == "float16" else np.float32
 
     def prepare(raw):
+        """(raw, [(slot, image, boxes)] for each image of the sample, reason it is dropped or None)."""
         try:
-            img_key = next((e for e in IMAGE_EXTS if e in raw), None)
-            if img_key is None:
-                return raw, None, None, "no_image"
-            boxes = grid if grid is not None else sample_boxes(raw)
-            return raw, load_image(raw[img_key], extractor.S), boxes, None
+            images = []
+            for slot in IMAGE_SLOTS:
+                img_key = next((slot + e for e in IMAGE_EXTS if slot + e in raw), None)
+                if img_key is not None:
+                    boxes = grid if grid is not None else sample_boxes(raw, slot)
+                    images.append((slot, load_image(raw[img_key], extractor.S), boxes))
+            return raw, images, None if images else "no_image"
         except Skip as s:
-            return raw, None, None, s.reason
+            return raw, [], s.reason
+
+    def regions_npz(r: dict) -> bytes:
+        arrays = {"features": r["features"].astype(feat_dtype), "boxes": r["boxes"]}
+        if "soft_labels" in r and not args.no_soft_labels:
+            arrays["soft_labels"] = r["soft_labels"].astype(feat_dtype)
+            arrays["conf"] = r["conf"]
+        return npz_bytes(arrays)
 
     def flush(tar, batch):
         nonlocal written
         prepared = list(pool.map(prepare, batch))
-        todo = [(raw, img, boxes) for raw, img, boxes, reason in prepared if reason is None]
+        todo = [im for _, images, reason in prepared if reason is None for im in images]
         results = iter(extractor(np.stack([t[1] for t in todo]), [t[2] for t in todo], autocast) if todo else [])
-        for raw, img, boxes, reason in prepared:  # input order
+        for raw, images, reason in prepared:  # input order
             if reason == "no_image":
                 counts["no_image (copied unchanged)"] = counts.get("no_image (copied unchanged)", 0) + 1
-                write_sample(tar, raw, None)
+                write_sample(tar, raw, {})
                 written += 1
             elif reason is not None:
                 counts[reason] = counts.get(reason, 0) + 1
             else:
-                r = next(results)
-                arrays = {"features": r["features"].astype(feat_dtype), "boxes": r["boxes"]}
-                if "soft_labels" in r and not args.no_soft_labels:
-                    arrays["soft_labels"] = r["soft_labels"].astype(feat_dtype)
-                    arrays["conf"] = r["conf"]
-                write_sample(tar, raw, npz_bytes(arrays))
+                write_sample(tar, raw, {f"{slot}regions.npz": regions_npz(next(results)) for slot, _, _ in images})
                 written += 1
         bar.update(len(batch), ", ".join(f"{k} {v}" for k, v in counts.items()))
 
@@ -481,15 +472,11 @@ def run(args) -> int:
     if done:
         print(f"{PROG}: {len(done)} of {len(urls)} shard(s) already complete in {out}; skipping them", file=sys.stderr)
 
-    for u in urls:  # a tokenizer beside the input shards serves the output too
-        tok = Path(u).parent / "tokenizer.json" if "://" not in u else None
-        if tok is not None and tok.is_file() and not (out / "tokenizer.json").exists():
-            shutil.copyfile(tok, out / "tokenizer.json")
-            break
+    copy_side_files(urls, out)
 
     counts: dict[str, int] = {}
     written = 0
-    bar = _Progress(PROG, args.quiet)
+    bar = Progress(None, PROG, disable=args.quiet)
     try:
         with ThreadPoolExecutor(args.workers) as pool:
             for u, name in zip(urls, names):
@@ -522,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None, metavar="S",
                    help="images are resized to S x S (default: the model's input size)")
     p.add_argument("--pool", type=int, default=7, help="RoIAlign bins per side (default: 7)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="samples per forward pass; a sample with two images brings both (default: 16)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast (default: fp32)")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16",

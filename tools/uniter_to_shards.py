@@ -19,7 +19,7 @@ UNITER keeps a data set in two databases:
 
 Each caption becomes one sample:
 
-* ``__key__``      the text id (dots and slashes replaced by ``_``)
+* ``__key__``      the text id (characters other than letters, digits, ``_`` and ``-`` replaced by ``_``)
 * ``txt``          the caption: the entry's ``raw`` text (``--text-field`` to pick another
                    field). Entries that hold only ``input_ids`` are detokenized with
                    ``--tokenizer`` (the BERT vocabulary UNITER tokenized with, e.g. a local
@@ -62,27 +62,21 @@ Exit code 2 with one line on stderr for a user mistake (missing DB, missing pack
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
-import os
-import random
-import re
 import sys
-import tarfile
-import time
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
-
-from vlpt.data.samples import npz_bytes  # noqa: E402
-from vlpt.errors import UserError, run_command, tool_parser  # noqa: E402
+from vlpt.data.samples import npz_bytes
+from vlpt.data.shard_writer import (KeyMaker, ShardSink, add_output_arguments, check_output_arguments, convert,
+                                    converter_main, order_rows, summary)
+from vlpt.errors import UserError, tool_parser
 
 PROG = "uniter_to_shards"
-TAR_MTIME = 0
 TEXT_FIELDS = ("raw", "caption", "sent", "sentence", "text")
 REPORT = 10
 
@@ -297,87 +291,27 @@ def read_txt_db(path: Path) -> tuple[list[tuple[str, dict]], dict]:
 _IMG_DB: ImageDB | None = None
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
-    info.uname = info.gname = "vlpt"
-    tar.addfile(info, io.BytesIO(data))
-
-
-def write_shard(job: dict) -> dict:
+def write_row(sink: ShardSink, row: dict, opts: dict) -> None:
     global _IMG_DB
-    if _IMG_DB is None or (_IMG_DB.kind, str(_IMG_DB.path)) != (job["img_kind"], job["img_path"]):
-        _IMG_DB = ImageDB(job["img_kind"], Path(job["img_path"]))
-    out = Path(job["out"])
-    final = out / job["name"]
-    tmp = out / f".{job['name']}.tmp-{os.getpid()}"
-    stats = {"name": job["name"], "samples": 0, "missing_image": 0, "bad_features": 0, "examples": []}
-    dims = set()
+    if _IMG_DB is None or (_IMG_DB.kind, str(_IMG_DB.path)) != (opts["img_kind"], opts["img_path"]):
+        _IMG_DB = ImageDB(opts["img_kind"], Path(opts["img_path"]))
+    fname = row["img_fname"]
     try:
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for row in job["rows"]:
-                fname = row["img_fname"]
-                try:
-                    dump = _IMG_DB.get(fname)
-                    if dump is None:
-                        stats["missing_image"] += 1
-                        if len(stats["examples"]) < REPORT:
-                            stats["examples"].append(f"{fname}: not in the image DB")
-                        continue
-                    regions = regions_from_dump(dump, job["opts"])
-                except (ValueError, OSError, zipfile.BadZipFile) as e:
-                    stats["bad_features"] += 1
-                    if len(stats["examples"]) < REPORT:
-                        stats["examples"].append(f"{fname}: {e}")
-                    continue
-                dims.add(int(regions["features"].shape[1]))
-                key = row["key"]
-                _add_member(tar, f"{key}.txt", row["text"].encode("utf-8"))
-                _add_member(tar, f"{key}.regions.npz", npz_bytes(regions))
-                _add_member(tar, f"{key}.json", json.dumps(row["meta"], ensure_ascii=False,
-                                                           separators=(",", ":")).encode("utf-8"))
-                stats["samples"] += 1
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    stats["feature_dims"] = sorted(dims)
-    return stats
+        dump = _IMG_DB.get(fname)
+        if dump is None:
+            sink.skip("missing_image", f"{fname}: not in the image DB", file=fname)
+            return
+        regions = regions_from_dump(dump, opts)
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        sink.skip("bad_features", f"{fname}: {e}")
+        return
+    sink.note("feature_dims", int(regions["features"].shape[1]))
+    sink.add(row["key"], {"txt": row["text"], "regions.npz": npz_bytes(regions), "json": row["meta"]})
 
 
 # --------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------
-
-
-class _Progress:
-    """tqdm when installed, else a line on stderr every few seconds."""
-
-    def __init__(self, total: int, disable: bool):
-        self.bar, self.total, self.disable, self.n, self.last = None, total, disable, 0, 0.0
-        if not disable:
-            try:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(total=total, desc=PROG, unit="sample", dynamic_ncols=True)
-            except ImportError:
-                pass
-
-    def update(self, n: int) -> None:
-        self.n += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif not self.disable and (time.monotonic() - self.last > 5 or self.n >= self.total):
-            self.last = time.monotonic()
-            print(f"{PROG}: {self.n}/{self.total} samples", file=sys.stderr)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _key(id_: str) -> str:
-    return re.sub(r"[./\\\s]", "_", id_) or "_"
 
 
 def plan(args) -> tuple[list[dict], dict]:
@@ -393,7 +327,8 @@ def plan(args) -> tuple[list[dict], dict]:
             tokenizer = TextTokenizer.from_path(args.tokenizer)
         except VlptUserError as e:
             raise UserError(str(e)) from None
-    rows, counts, keys = [], {"missing_or_bad_entry": 0, "no_text": 0, "no_image_name": 0, "detokenized": 0}, set()
+    rows, make_key = [], KeyMaker()
+    counts = {"missing_or_bad_entry": 0, "no_text": 0, "no_image_name": 0, "detokenized": 0}
     for id_, entry in entries:
         if not isinstance(entry, dict):
             counts["missing_or_bad_entry"] += 1
@@ -417,32 +352,18 @@ def plan(args) -> tuple[list[dict], dict]:
         if text is None or not text.strip():
             counts["no_text"] += 1
             continue
-        key = _key(id_)
-        if key in keys:
-            key = f"{key}_{len(rows)}"
-        keys.add(key)
+        key = make_key(id_)
         meta_out = {"txt_id": id_, "img_fname": fname}
         for k, v in entry.items():
             if k not in meta_out and k not in TEXT_FIELDS and k not in ("id", "objects") \
                     and isinstance(v, (str, int, float, bool)):
                 meta_out[k] = v
         rows.append({"key": key, "text": " ".join(text.split()), "img_fname": fname, "meta": meta_out})
-    if args.limit is not None:
-        rows = rows[: args.limit]
-    if args.shuffle:
-        random.Random(args.seed).shuffle(rows)
-    return rows, counts
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    return order_rows(rows, args), counts
 
 
 def run(args) -> int:
-    if args.shard_size < 1 or args.workers < 1:
-        raise UserError("--shard-size and --workers must be at least 1")
+    check_output_arguments(args)
     if (args.min_bb is not None or args.max_bb is not None) and args.conf_th is None:
         raise UserError("--min-bb / --max-bb go with --conf-th")
     img_kind, img_path = resolve_img_db(Path(args.img_db))
@@ -451,80 +372,18 @@ def run(args) -> int:
     rows, counts = plan(args)
     if not rows:
         raise UserError(f"text DB '{args.txt_db}' has no usable entry ({counts})")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     opts = {"dtype": args.dtype, "conf_th": args.conf_th, "min_bb": args.min_bb, "max_bb": args.max_bb}
-    settings = {**opts, "shard_size": args.shard_size, "shuffle": args.shuffle, "seed": args.seed,
-                "prefix": args.prefix}
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for r in rows:
-        digest.update(json.dumps([r["key"], r["text"], r["img_fname"]]).encode())
-    fingerprint = digest.hexdigest()[:16]
-
-    n_shards = (len(rows) + args.shard_size - 1) // args.shard_size
-    names = [f"{args.prefix}-{i:06d}.tar" for i in range(n_shards)]
-    info_path = out / "info.json"
-    try:
-        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    except json.JSONDecodeError:
-        info = {}
-    existing = sorted(p.name for p in out.glob(f"{args.prefix}-*.tar"))
-    if existing and info.get("fingerprint") != fingerprint:
-        if not args.overwrite:
-            raise UserError(f"'{out}' already holds {len(existing)} '{args.prefix}-*.tar' shard(s) written from "
-                            "another input or other settings; pass --overwrite to replace them, or choose another --out")
-        for name in existing:
-            (out / name).unlink()
-        info = {}
-    for stale in out.glob(f".{args.prefix}-*.tar.tmp-*"):
-        stale.unlink(missing_ok=True)
-    done = {n: s for n, s in (info.get("shard_stats") or {}).items() if (out / n).is_file()}
-    todo = [i for i, n in enumerate(names) if not (out / n).is_file()]
-    info = {"fingerprint": fingerprint, "img_db": str(img_path), "txt_db": str(args.txt_db), "settings": settings,
-            "rows": len(rows), "skipped_entries": counts, "shards": names, "shard_stats": done}
-    _write_json(info_path, info)
-    if n_shards - len(todo):
-        print(f"{PROG}: {n_shards - len(todo)} of {n_shards} shard(s) already complete in {out}; "
-              f"writing the other {len(todo)}", file=sys.stderr)
-
-    jobs = [{"out": str(out), "name": names[i], "img_kind": img_kind, "img_path": str(img_path), "opts": opts,
-             "rows": rows[i * args.shard_size:(i + 1) * args.shard_size]} for i in todo]
-    sizes = {j["name"]: len(j["rows"]) for j in jobs}
-    bar = _Progress(sum(sizes.values()), args.quiet or not jobs)
-
-    def finished(stats):
-        info["shard_stats"][stats["name"]] = stats
-        _write_json(info_path, info)
-        bar.update(sizes[stats["name"]])
-
-    try:
-        if args.workers == 1 or len(jobs) <= 1:
-            for job in jobs:
-                finished(write_shard(job))
-        else:
-            import multiprocessing as mp
-
-            with mp.get_context("spawn" if sys.platform == "darwin" else "fork").Pool(args.workers) as pool:
-                for stats in pool.imap_unordered(write_shard, jobs):
-                    finished(stats)
-    finally:
-        bar.close()
-
-    stats = info["shard_stats"].values()
-    total = {k: sum(s[k] for s in stats) for k in ("samples", "missing_image", "bad_features")}
-    dims = sorted({d for s in stats for d in s.get("feature_dims", [])})
-    info.update(total, feature_dims=dims)
-    _write_json(info_path, info)
-    print(f"{PROG}: {total['samples']} samples in {n_shards} shard(s) in {out} "
-          f"(pattern {args.prefix}-{{000000..{n_shards - 1:06d}}}.tar); feature size "
-          f"{'/'.join(map(str, dims)) or '-'}", file=sys.stderr)
+    info = convert(args, PROG, rows, write_row, {**opts, "img_kind": img_kind, "img_path": str(img_path)},
+                   settings=opts, info_extra={"img_db": str(img_path), "txt_db": str(args.txt_db),
+                                              "skipped_entries": counts}, report_skipped=False)
+    dims = info["notes"].get("feature_dims", [])
+    print(f"{summary(PROG, info, Path(args.out))}; feature size {'/'.join(map(str, dims)) or '-'}", file=sys.stderr)
     if counts["detokenized"]:
         print(f"{PROG}: {counts['detokenized']} caption(s) detokenized from input_ids with {args.tokenizer}",
               file=sys.stderr)
-    skipped = {k: v for k, v in {**counts, "missing_image": total["missing_image"],
-                                 "bad_features": total["bad_features"]}.items() if v and k != "detokenized"}
+    skipped = {k: v for k, v in {**counts, **info["skipped"]}.items() if v and k != "detokenized"}
     if skipped:
-        examples = list(dict.fromkeys(e for s in stats for e in s["examples"]))[:REPORT]
+        examples = [e for ex in info["examples"].values() for e in ex][:REPORT]
         print(f"{PROG}: skipped " + ", ".join(f"{k}: {v}" for k, v in skipped.items())
               + (f"; e.g. {'; '.join(examples)}" if examples else ""), file=sys.stderr)
     return 0
@@ -534,11 +393,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = tool_parser("uniter_to_shards", __doc__)
     p.add_argument("--img-db", required=True, help="folder of .npz files, or UNITER's image LMDB")
     p.add_argument("--txt-db", required=True, help="UNITER's text DB folder (LMDB), or a JSON Lines file of its entries")
-    p.add_argument("--out", required=True, help="output folder for the shards")
-    p.add_argument("--prefix", default="uniter", help="shard names PREFIX-000000.tar (default: uniter)")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: 1000)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="processes writing shards in parallel (default: the CPU count, at most 8)")
     p.add_argument("--text-field", default=None,
                    help=f"entry field with the caption (default: the first of {', '.join(TEXT_FIELDS)})")
     p.add_argument("--tokenizer", default=None,
@@ -548,18 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bb", type=int, default=None, help="with --conf-th: keep at most this many (UNITER: 100)")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
                    help="stored features and soft labels (default: float16, as UNITER stores them)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the row shuffle (default: 0)")
-    p.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="keep the text DB's order")
-    p.add_argument("--limit", type=int, default=None, help="convert only the first N captions (for a try-out)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace shards that an earlier run wrote from other input or settings")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_output_arguments(p, prefix="uniter", images=False)
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(PROG, run, args, resumable=True)
+    return converter_main(PROG, build_parser, run, argv)
 
 
 if __name__ == "__main__":
