@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from vlpt import registered_objectives
-from vlpt.testing import prepare_batch, tiny_pretrain_model, tiny_samples, tiny_task
+from vlpt.testing import DOWNSTREAM_META, prepare_batch, tiny_pretrain_model, tiny_samples, tiny_task
+
+#: metadata an objective reads differently from DOWNSTREAM_META's (a label is a class name for ve)
+META = {"ve": {**DOWNSTREAM_META, "label": "neutral"}}
+#: options for the tiny data (4 answers)
+OPTIONS = {"vqa": {"num_answers": 4}}
 
 
 def _companions(cls) -> list[str]:
@@ -20,10 +25,11 @@ def _companions(cls) -> list[str]:
 @pytest.mark.parametrize("name", sorted(registered_objectives()))
 def test_objective_trains(name):
     cls = registered_objectives()[name]
-    task = tiny_task([*_companions(cls), *cls.requires, name], name=name)
+    task = tiny_task({**{c: 1.0 for c in [*_companions(cls), *cls.requires]}, name: OPTIONS.get(name, 1.0)}, name=name)
     model = tiny_pretrain_model([task])
     vl = model.vl
-    batch = prepare_batch(model, task, tiny_samples())  # soft labels over UNITER's 1601 classes
+    samples = tiny_samples(meta=META.get(name, DOWNSTREAM_META), second_image=True)  # soft labels: 1601 classes
+    batch = prepare_batch(model, task, samples)
     loss, metrics = model(name, batch)
     assert loss.ndim == 0 and torch.isfinite(loss), loss
     assert all(np.isfinite(v) for v in metrics.values())

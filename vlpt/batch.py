@@ -96,8 +96,11 @@ def swap_image(sample: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
 
 
 def has_field(sample: dict[str, Any], name: str) -> bool:
-    """Whether a clean sample carries ``name``: a sample field (``soft_labels``) or, as
-    ``meta.KEY``, a key of its metadata (``meta.answer_ids``)."""
+    """Whether a clean sample carries ``name``: a sample field (``soft_labels``), a key of its
+    metadata as ``meta.KEY`` (``meta.answer_ids``), or any of several joined by ``|``
+    (``meta.target_region|meta.target_box``)."""
+    if "|" in name:
+        return any(has_field(sample, n) for n in name.split("|"))
     if name.startswith(META + "."):
         meta = sample.get(META)
         return isinstance(meta, dict) and meta.get(name[len(META) + 1:]) is not None

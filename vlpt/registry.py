@@ -41,7 +41,8 @@ def register_objective(name: str) -> Callable[[T], T]:
         unknown = set(cls.needs) - MODALITIES
         if unknown:
             raise UserError(f"objective '{name}' needs unknown modalities {sorted(unknown)}; use {sorted(MODALITIES)}")
-        source = _loading_source[-1] if _loading_source else cls.__module__
+        # a package's module may import a sibling that registers too: name the class's own module
+        source = _loading_source[-1].replace("{module}", cls.__module__) if _loading_source else cls.__module__
         old = _REGISTRY.get(name)
         if old is not None and _identity(old) != _identity(cls):
             raise UserError(
@@ -85,7 +86,7 @@ def load_entry_points() -> None:
         seen[ep.name] = (package, ep.value)
     for ep in entry_points:
         package = _package(ep)
-        source = f"package {package} ({ep.value})"
+        source = f"package {package} ({{module}})"  # the module that registers, filled in by register_objective
         _loading_source.append(source)
         try:
             obj = ep.load()
@@ -93,7 +94,7 @@ def load_entry_points() -> None:
             raise
         except Exception as e:  # a broken third-party package must not hide which one
             raise UserError(
-                f"objective plugin '{ep.value}' from {source} failed to import: {e!r} (fix or uninstall {package})"
+                f"objective plugin '{ep.value}' from package {package} failed to import: {e!r} (fix or uninstall {package})"
             ) from e
         finally:
             _loading_source.pop()

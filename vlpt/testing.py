@@ -41,22 +41,36 @@ def shapes_tokenizer():
     return TextTokenizer(train_tokenizer(()), "shapes grammar")
 
 
+#: metadata every downstream objective can read (VQA answers, a referred region, a label, a picture)
+DOWNSTREAM_META = {"answer_ids": {"0": 3, "2": 1}, "target_region": 0, "target_box": [0.0, 0.0, 0.5, 0.5],
+                   "label": True}
+
+
 def tiny_samples(n: int = 12, seed: int = 0, feature_dim: int = 16, vocab_size: int = 40, text_len=(3, 9),
-                 regions=(1, 5), soft_label_classes: int | None = 1601) -> list[dict[str, Any]]:
-    """Clean samples (as ``decode_sample`` makes them) with random ids, features and boxes."""
+                 regions=(1, 5), soft_label_classes: int | None = 1601, meta: dict | None = None,
+                 second_image: bool = False) -> list[dict[str, Any]]:
+    """Clean samples (as ``decode_sample`` makes them) with random ids, features and boxes; ``meta``
+    (e.g. :data:`DOWNSTREAM_META`) as each sample's metadata, with a distinct ``image_id``; with
+    ``second_image``, a second set of regions (``features2``, ``boxes2``) as NLVR2 samples carry."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
         t, k = int(rng.integers(*text_len)), int(rng.integers(*regions))
         sample = {
             "key": f"s{i}",
-            "input_ids": np.array([2, *rng.integers(5, vocab_size, t)]  + [3]),
+            "input_ids": np.array([2, *rng.integers(5, vocab_size, t)] + [3]),
             "word_ids": [-1, *range(t), -1],
             "features": rng.normal(size=(k, feature_dim)).astype(np.float32),
             "boxes": np.sort(rng.random((k, 4)).astype(np.float32), axis=1),
         }
         if soft_label_classes:
             sample["soft_labels"] = rng.dirichlet(np.ones(soft_label_classes), size=k).astype(np.float32)
+        if meta is not None:
+            sample["meta"] = {**meta, "image_id": i}
+        if second_image:
+            k2 = int(rng.integers(*regions))
+            sample["features2"] = rng.normal(size=(k2, feature_dim)).astype(np.float32)
+            sample["boxes2"] = np.sort(rng.random((k2, 4)).astype(np.float32), axis=1)
         out.append(sample)
     return out
 

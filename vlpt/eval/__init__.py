@@ -7,6 +7,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from ..batch import ZERO_REGION_FEATURES
 from ..data.collate import Collator, move_to
 from ..data.samples import BadSample, DecodeSettings, decode_sample
 from ..data.stream import read_tar_samples
@@ -23,6 +24,17 @@ def recall_at(scores: np.ndarray, k: int) -> float:
     """
     d = np.diag(scores)[:, None]
     better, tied = (scores > d).sum(1), (scores == d).sum(1)
+    return float(np.clip((k - better) / tied, 0, 1).mean())
+
+
+def recall_at_any(scores: np.ndarray, positive: np.ndarray, k: int) -> float:
+    """Recall@k where a query may have several true partners (an image and its five captions):
+    a query counts when its best-scored partner is within the top k, ties broken at random in
+    expectation as in :func:`recall_at`. ``scores`` and ``positive`` are (queries, candidates)."""
+    best = np.where(positive, scores, -np.inf).max(1, keepdims=True)  # (n, 1)
+    negative = ~positive
+    better = ((scores > best) & negative).sum(1)
+    tied = ((scores == best) & negative).sum(1) + 1
     return float(np.clip((k - better) / tied, 0, 1).mean())
 
 
@@ -69,6 +81,19 @@ class EvalData:
     def encode(self, model, batch: dict) -> EncoderOutput:
         with self.autocast():
             return model(batch)
+
+    @torch.no_grad()
+    def mean_score(self, views: list[dict], score, blind: bool = False) -> float:
+        """The mean of ``score(batch) -> (sum, count)`` over the batches of ``views``; with ``blind``,
+        every region feature zeroed (boxes kept), to show how much a metric owes to the image."""
+        total = count = 0.0
+        for batch in self.batches(views):
+            if blind:
+                batch[ZERO_REGION_FEATURES] = True
+            s, n = score(batch)
+            total += float(s)
+            count += float(n)
+        return total / max(count, 1.0)
 
 
 @torch.no_grad()
