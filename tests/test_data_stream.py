@@ -64,17 +64,34 @@ def test_token_budget_batches_respect_budget_and_multiples():
 
 
 def test_token_budget_training_stream(tmp_path):
-    recipe = load_recipe(tiny_recipe(tmp_path), ["data.batch_size=null", "data.batch_tokens=400", "data.bucket_size=64"])
+    budget, bucket, multiple = 400, 60, 8  # a bucket of 60 leaves a remainder that is no multiple of 8
+    recipe = load_recipe(tiny_recipe(tmp_path), ["data.batch_size=null", f"data.batch_tokens={budget}",
+                                                 f"data.bucket_size={bucket}", f"data.size_multiple={multiple}"])
     sources, _ = resolve_sources(recipe, progress=False)
     b = build_model(recipe)
     it = iter(task_streams(b, sources)["mlm"])
-    sizes = []
-    for _ in range(10):
+    buckets, current, seen = [], [], 0
+    while len(buckets) < 4:  # a bucket's batches come out together: their counts add up to the bucket
         batch = next(it)
-        n, L = batch["input_ids"].shape[0], batch["input_ids"].shape[1] + batch["features"].shape[1]
-        sizes.append(n)
-        assert n * L <= 400 + 8 * L
-    assert len(set(sizes)) > 1 or sizes[0] % 8 == 0
+        lengths = batch["text_mask"].sum(1) + batch["region_mask"].sum(1)  # (B,) tokens + regions per sample
+        current.append((len(lengths), int(lengths.max())))
+        seen += len(lengths)
+        assert seen <= bucket * (len(buckets) + 1), "a batch mixes samples of two buckets"
+        if seen == bucket * (len(buckets) + 1):
+            buckets.append(current)
+            current = []
+    batches = [nl for bk in buckets for nl in bk]
+    assert max(longest for _, longest in batches) * multiple <= budget  # no sample too long for a batch here
+    for n, longest in batches:
+        assert longest * n <= budget, (n, longest)  # the padded size stays within the budget
+    for bk in buckets:  # counts are multiples of size_multiple, except one remainder per bucket
+        assert sum(n % multiple != 0 for n, _ in bk) <= 1, bk
+    assert any(n % multiple for n, _ in batches)  # (there is a remainder to see)
+    # batch sizes follow length: the batches of the longest samples hold fewer of them than the shortest
+    by_length = sorted(batches, key=lambda nl: nl[1])
+    assert len({n for n, _ in batches}) > 2
+    longest, shortest = by_length[-1][1], by_length[0][1]
+    assert max(n for n, L in batches if L == longest) < min(n for n, L in batches if L == shortest)
 
 
 def test_two_sources_mixed_three_to_one(tmp_path):

@@ -132,12 +132,13 @@ def test_truncated_latest_checkpoint_falls_back_with_a_warning(uninterrupted, tm
 
 
 def test_non_finite_losses_skip_updates_then_stop(tmp_path):
-    plugin = tmp_path / "nan_after.py"
+    # the loss is NaN at step 3 alone, finite at steps 4-6, then NaN from step 7 on (max_bad_steps 3)
+    plugin = tmp_path / "nan_at.py"
     plugin.write_text(
         "import torch\n"
         "from vlpt import Objective, ObjectiveOutput, register_objective\n\n"
-        "@register_objective('nan_after')\n"
-        "class NanAfter(Objective):\n"
+        "@register_objective('nan_at')\n"
+        "class NanAt(Objective):\n"
         "    needs = {'text'}\n"
         "    def __init__(self, options, model, tokenizer):\n"
         "        super().__init__(options, model, tokenizer)\n"
@@ -146,20 +147,36 @@ def test_non_finite_losses_skip_updates_then_stop(tmp_path):
         "    def forward(self, out, batch):\n"
         "        self.calls += 1\n"
         "        loss = self.head(out.pooled).pow(2).mean()\n"
-        "        return ObjectiveOutput(loss * float('nan') if self.calls > 4 else loss)\n"
+        "        return ObjectiveOutput(loss * float('nan') if self.calls == 3 or self.calls >= 7 else loss)\n"
     )
     recipe = tiny_recipe(tmp_path, plugins=[str(plugin)], tasks={"mlm": {"weight": 0, "objectives": {"mlm": 1.0}},  # off: only the plugin's task
                                                            "itm": {"weight": 0, "objectives": {"itm": 1.0}},
-                                                           "nan": {"weight": 1, "objectives": {"nan_after": 1.0}}},
-                         train={"steps": 20, "max_bad_steps": 3}, checkpoint={"every": None})
+                                                           "nan": {"weight": 1, "objectives": {"nan_at": 1.0}}},
+                         train={"steps": 20, "max_bad_steps": 3}, checkpoint={"every": 1, "keep": 20},
+                         eval={"at_end": False})
     res = subprocess.run([sys.executable, "-m", "vlpt.cli", "train", str(recipe)], capture_output=True, text=True,
                          env=_env(), timeout=300)
     assert res.returncode == 2, res.stderr[-3000:]
     assert "Traceback" not in res.stderr
-    assert "stopping at step 7, task nan" in res.stderr and "train.max_bad_steps = 3" in res.stderr
-    assert res.stderr.count("update skipped") == 2
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 6 and rows[-1]["bad_updates"] == 2
+    assert "stopping at step 9, task nan" in res.stderr and "train.max_bad_steps = 3" in res.stderr
+    assert res.stderr.count("update skipped") == 3  # steps 3, 7 and 8
+    rows = {r["step"]: r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(rows) == list(range(1, 9))
+    assert [rows[s].get("bad_updates", 0) for s in range(1, 9)] == [0, 0, 1, 1, 1, 1, 2, 3]
+
+    ckpt = tmp_path / "run" / "checkpoints"
+    weights = {s: load_file(str(ckpt / f"step-{s:07d}" / "model.safetensors")) for s in range(2, 9)}
+    adam_steps = {s: {i: float(v["step"]) for i, v in torch.load(ckpt / f"step-{s:07d}" / "trainer.pt",
+                                                                   weights_only=True)["optimizer"]["state"].items()}
+                  for s in range(2, 9)}
+    assert all(torch.isfinite(w).all() for ws in weights.values() for w in ws.values())
+    for skipped in (3, 7, 8):  # the NaN update was skipped, not applied: weights and Adam state as before
+        _assert_same_weights(weights[skipped - 1], weights[skipped])
+        assert adam_steps[skipped] == adam_steps[skipped - 1]
+    for applied in (4, 5, 6):  # and training went on after it
+        changed = [k for k in weights[applied] if not torch.equal(weights[applied][k], weights[applied - 1][k])]
+        assert "objectives.nan_at.head.weight" in changed and any(k.startswith("vl.trunk.") for k in changed)
+        assert all(adam_steps[applied][i] == adam_steps[applied - 1][i] + 1 for i in adam_steps[applied])
 
 
 def _kill_all(marker: str) -> None:
