@@ -28,10 +28,11 @@ def check_init_from(path: str) -> None:
 def check_files(recipe: Recipe, data: bool = True) -> None:
     """Every local file the recipe names must exist (shards, checkpoint folder, tokenizer).
 
-    ``data=False`` skips the data files (shards, tokenizer), for dry runs.
+    ``data=False`` skips the data files (shards, tokenizer) and the init checkpoint, for dry runs
+    (a finetune recipe may name a pretraining run that does not exist yet).
     """
     m, d = recipe.model, recipe.data
-    if m.init_from is not None:
+    if m.init_from is not None and data:
         check_init_from(m.init_from)
     if data and m.tokenizer is not None and not Path(m.tokenizer).expanduser().exists():
         raise RecipeError(f"recipe key 'model.tokenizer': '{m.tokenizer}' not found")

@@ -33,6 +33,10 @@ def _dry_run(recipe) -> int:
     from .model import VLModel
 
     tasks = validate(recipe, data=False)  # a dry run needs no data
+    if recipe.model.init_from and not Path(recipe.model.init_from).expanduser().exists():
+        print(f"vlpt: note: model.init_from '{recipe.model.init_from}' does not exist yet; counting with the "
+              "recipe's own sizes")
+        recipe.model.init_from = None
     try:
         vocab = TextTokenizer.from_path(default_tokenizer_path(recipe)).vocab_size
     except UserError:

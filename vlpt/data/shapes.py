@@ -73,8 +73,9 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -82,22 +83,14 @@ from PIL import Image, ImageDraw
 from .samples import npz_bytes
 
 __all__ = [
-    "COLORS",
-    "COLOR_RGB",
-    "SHAPES",
-    "SIZES",
-    "RELATIONS",
-    "FEATURE_DIM",
-    "NUM_CLASSES",
-    "CROP_SIZE",
-    "SPECIAL_TOKENS",
-    "VOCAB_WORDS",
-    "class_index",
-    "class_name",
-    "make_sample",
-    "decode_sample",
-    "train_tokenizer",
-    "write_shapes",
+    # vocabulary and classes
+    "COLORS", "COLOR_RGB", "SHAPES", "SIZES", "RELATIONS", "FEATURE_DIM", "NUM_CLASSES", "CROP_SIZE",
+    "SPECIAL_TOKENS", "VOCAB_WORDS", "class_index", "class_name",
+    # rendering (shared with the downstream suite, vlpt.data.shapes_tasks)
+    "Box", "place_boxes", "relation_of", "render_objects", "regions_npz", "jpeg_bytes", "describe_objects",
+    # samples, tokenizer, writing
+    "make_sample", "decode_sample", "train_tokenizer",
+    "atomic_folder", "write_tar_shards", "check_write_arguments", "write_shapes",
 ]
 
 # --------------------------------------------------------------------------- vocabulary
@@ -176,35 +169,42 @@ def _scaled(px: int, image_size: int) -> int:
     return max(1, int(round(px * image_size / 64)))
 
 
-_Box = tuple[int, int, int]  # x, y, side in pixels
+#: A square object box ``(x, y, side)`` in pixels.
+Box = tuple[int, int, int]
 
 
-def _layout(rng: np.random.Generator, n: int, image_size: int) -> tuple[list[str], list[_Box]]:
-    """Sizes and non-overlapping square boxes ``(x, y, side)`` for ``n`` objects.
+def place_boxes(rng: np.random.Generator, sizes: list[str], image_size: int) -> list[Box] | None:
+    """Non-overlapping square boxes for objects of the given sizes, or None if one did not fit.
 
-    Rejection sampling: each object gets a bounded number of random positions
-    that keep a gap to the boxes already placed; if one cannot be placed (three
-    large objects can crowd a 64 px image), the whole layout, sizes included, is
-    drawn again.  Small layouts always fit, so this terminates quickly.
+    Each object gets a bounded number of random positions that keep a gap to
+    the boxes already placed; three large objects can crowd a 64 px image, so
+    a caller retries (with new sizes or the same) until a layout fits.
     """
     gap = _scaled(_GAP_64, image_size)
+    boxes: list[Box] = []
+    for size in sizes:
+        lo, hi = (_scaled(v, image_size) for v in _SIDE_RANGE_64[size])
+        side = int(rng.integers(lo, hi + 1))
+        for _ in range(50):
+            x, y = (int(v) for v in rng.integers(0, image_size - side + 1, size=2))
+            if all(
+                x + side + gap <= bx or bx + bs + gap <= x or y + side + gap <= by or by + bs + gap <= y
+                for bx, by, bs in boxes
+            ):
+                boxes.append((x, y, side))
+                break
+        else:
+            return None
+    return boxes
+
+
+def _layout(rng: np.random.Generator, n: int, image_size: int) -> tuple[list[str], list[Box]]:
+    """Random sizes and boxes for ``n`` objects; a layout that does not fit is drawn again, sizes
+    included.  Small layouts always fit, so this terminates quickly."""
     while True:
         sizes = [SIZES[i] for i in rng.integers(0, len(SIZES), size=n)]
-        boxes: list[_Box] = []
-        for size in sizes:
-            lo, hi = (_scaled(v, image_size) for v in _SIDE_RANGE_64[size])
-            side = int(rng.integers(lo, hi + 1))
-            for _ in range(50):
-                x, y = (int(v) for v in rng.integers(0, image_size - side + 1, size=2))
-                if all(
-                    x + side + gap <= bx or bx + bs + gap <= x or y + side + gap <= by or by + bs + gap <= y
-                    for bx, by, bs in boxes
-                ):
-                    boxes.append((x, y, side))
-                    break
-            else:
-                break
-        if len(boxes) == n:
+        boxes = place_boxes(rng, sizes, image_size)
+        if boxes is not None:
             return sizes, boxes
 
 
@@ -231,7 +231,7 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, x: int, y: int, side: int, rgb:
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def _relation(a: _Box, b: _Box) -> str:
+def relation_of(a: Box, b: Box) -> str:
     """The true relation of box ``a`` to box ``b`` along the axis where their centers differ more.
 
     Ties go to the horizontal axis.  Boxes never overlap, so the centers differ
@@ -244,7 +244,7 @@ def _relation(a: _Box, b: _Box) -> str:
     return "above" if dy > 0 else "below"
 
 
-def _crop_features(image: np.ndarray, box: _Box) -> np.ndarray:
+def _crop_features(image: np.ndarray, box: Box) -> np.ndarray:
     """8x8 RGB crop of the box, in [-1, 1] (see the module docstring for why)."""
     x, y, side = box
     crop = Image.fromarray(image[y : y + side, x : x + side]).resize((CROP_SIZE, CROP_SIZE), Image.BOX)
@@ -263,6 +263,96 @@ def _soft_labels(rng: np.random.Generator, classes: np.ndarray) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
+def render_objects(
+    rng: np.random.Generator, colors: list[str], shapes: list[str], boxes: list[Box], image_size: int
+) -> tuple[Image.Image, np.ndarray]:
+    """The image of the given objects on a noisy dark background, as PIL and uint8 ``[H, W, 3]``.
+
+    Draws the background noise, then one color jitter per object in order.
+    """
+    background = rng.integers(0, _BG_NOISE, size=(image_size, image_size, 3), dtype=np.uint8)
+    img = Image.fromarray(background)
+    draw = ImageDraw.Draw(img)
+    for color, shape, box in zip(colors, shapes, boxes):
+        jitter = rng.integers(-_JITTER, _JITTER + 1, size=3)
+        rgb = tuple(int(v) for v in np.clip(np.array(COLOR_RGB[color]) + jitter, 0, 255))
+        _draw(draw, shape, *box, rgb)
+    return img, np.asarray(img)
+
+
+def regions_npz(
+    rng: np.random.Generator, pixels: np.ndarray, boxes: list[Box], classes: np.ndarray, image_size: int
+) -> bytes:
+    """``regions.npz`` bytes for objects given in region-row order (``classes``: :func:`class_index` values).
+
+    Features are crops of the rendered ``pixels``; soft labels and confidences are drawn from ``rng``.
+    """
+    features = np.stack([_crop_features(pixels, b) for b in boxes]).astype(np.float16)
+    box_arr = np.array([[x, y, x + s, y + s] for x, y, s in boxes], dtype=np.float32) / np.float32(image_size)
+    soft = _soft_labels(rng, np.asarray(classes)).astype(np.float16)
+    conf = rng.uniform(0.6, 1.0, size=len(boxes)).astype(np.float32)
+    return npz_bytes({"features": features, "boxes": box_arr, "soft_labels": soft, "conf": conf})
+
+
+def jpeg_bytes(img: Image.Image) -> bytes:
+    """The ``jpg`` entry (quality 90, no chroma subsampling; see the module docstring)."""
+    jpg = io.BytesIO()
+    img.save(jpg, format="JPEG", quality=_JPEG_QUALITY, subsampling=0)
+    return jpg.getvalue()
+
+
+def describe_objects(
+    colors: list[str],
+    shapes: list[str],
+    sizes: list[str],
+    boxes: list[Box],
+    caption_order: list[int],
+    region_of: list[int],
+    with_size: list[bool] | None = None,
+) -> tuple[str, list[dict], dict | None]:
+    """The caption naming the objects in ``caption_order``, and its grounding.
+
+    Returns ``(caption, objects, relation)`` as the module docstring describes
+    ``json``; ``region_of[i]`` is the region row of object ``i``.  ``with_size``
+    (per object, default all True) drops the size word of some objects, so one
+    image can have several captions; a dropped word has no ``words`` entry (and
+    ``a`` becomes ``an`` before ``orange``: never in the default grammar).
+    """
+    words: list[str] = []
+    objects = []
+    relation = None
+    for pos, obj in enumerate(caption_order):
+        if pos == 1:
+            first = caption_order[0]
+            rel = relation_of(boxes[first], boxes[obj])
+            start = len(words)
+            words.extend(rel.split(" "))
+            relation = {
+                "words": [start, len(words)],
+                "subject": int(region_of[first]),
+                "object": int(region_of[obj]),
+                "relation": rel,
+            }
+        elif pos == 2:
+            words.append("and")
+        start = len(words)
+        named = {"size": sizes[obj]} if with_size is None or with_size[obj] else {}
+        named.update(color=colors[obj], shape=shapes[obj])
+        words.append("an" if next(iter(named.values()))[0] in "aeiou" else "a")  # "an orange ..."
+        word_index = {role: start + 1 + k for k, role in enumerate(named)}
+        words.extend(named.values())
+        objects.append(
+            {
+                "region": int(region_of[obj]),
+                "color": colors[obj],
+                "shape": shapes[obj],
+                "size": sizes[obj],
+                "words": word_index,
+            }
+        )
+    return " ".join(words), objects, relation
+
+
 def make_sample(rng: np.random.Generator, image_size: int = 64) -> dict:
     """One sample as a webdataset dict without ``__key__``.
 
@@ -278,15 +368,7 @@ def make_sample(rng: np.random.Generator, image_size: int = 64) -> dict:
     colors = [COLORS[c // len(SHAPES)] for c in classes]
     shapes = [SHAPES[c % len(SHAPES)] for c in classes]
     sizes, boxes = _layout(rng, n, image_size)
-
-    background = rng.integers(0, _BG_NOISE, size=(image_size, image_size, 3), dtype=np.uint8)
-    img = Image.fromarray(background)
-    draw = ImageDraw.Draw(img)
-    for color, shape, box in zip(colors, shapes, boxes):
-        jitter = rng.integers(-_JITTER, _JITTER + 1, size=3)
-        rgb = tuple(int(v) for v in np.clip(np.array(COLOR_RGB[color]) + jitter, 0, 255))
-        _draw(draw, shape, *box, rgb)
-    pixels = np.asarray(img)
+    img, pixels = render_objects(rng, colors, shapes, boxes, image_size)
 
     # Objects are indexed 0..n-1 in drawing order; the caption and the region rows
     # use two independent random permutations of them.
@@ -294,53 +376,14 @@ def make_sample(rng: np.random.Generator, image_size: int = 64) -> dict:
     region_order = rng.permutation(n)
     region_of = np.empty(n, dtype=np.int64)
     region_of[region_order] = np.arange(n)  # object index -> region row
+    caption, objects, relation = describe_objects(colors, shapes, sizes, boxes, caption_order, region_of)
 
-    words: list[str] = []
-    objects = []
-    relation = None
-    for pos, obj in enumerate(caption_order):
-        if pos == 1:
-            first = caption_order[0]
-            rel = _relation(boxes[first], boxes[obj])
-            start = len(words)
-            words.extend(rel.split(" "))
-            relation = {
-                "words": [start, len(words)],
-                "subject": int(region_of[first]),
-                "object": int(region_of[obj]),
-                "relation": rel,
-            }
-        elif pos == 2:
-            words.append("and")
-        start = len(words)
-        words.extend(["a", sizes[obj], colors[obj], shapes[obj]])
-        objects.append(
-            {
-                "region": int(region_of[obj]),
-                "color": colors[obj],
-                "shape": shapes[obj],
-                "size": sizes[obj],
-                "words": {"size": start + 1, "color": start + 2, "shape": start + 3},
-            }
-        )
-    caption = " ".join(words)
-
-    features = np.stack([_crop_features(pixels, boxes[o]) for o in region_order]).astype(np.float16)
-    box_arr = np.array(
-        [[x, y, x + s, y + s] for x, y, s in (boxes[o] for o in region_order)], dtype=np.float32
-    ) / np.float32(image_size)
-    soft = _soft_labels(rng, classes[region_order] + 1).astype(np.float16)
-    conf = rng.uniform(0.6, 1.0, size=n).astype(np.float32)
-
-    jpg = io.BytesIO()
-    img.save(jpg, format="JPEG", quality=_JPEG_QUALITY, subsampling=0)
+    npz = regions_npz(rng, pixels, [boxes[o] for o in region_order], classes[region_order] + 1, image_size)
     meta = {"width": image_size, "height": image_size, "objects": objects, "relation": relation}
     return {
-        "jpg": jpg.getvalue(),
+        "jpg": jpeg_bytes(img),
         "txt": caption,
-        "regions.npz": npz_bytes(
-            {"features": features, "boxes": box_arr, "soft_labels": soft, "conf": conf}
-        ),
+        "regions.npz": npz,
         "json": json.dumps(meta, separators=(",", ":")).encode("utf-8"),
     }
 
@@ -421,18 +464,76 @@ def _sample_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, index])
 
 
-def _is_replaceable(path: Path) -> bool:
-    """Whether ``path`` is empty or holds only what write_shapes writes (so it may be overwritten)."""
-    for entry in path.iterdir():
-        name = entry.name
-        if not entry.is_file():
-            return False
-        if not (
-            name in ("info.json", "tokenizer.json")
-            or (name.startswith("shapes-") and name.endswith(".tar"))
-        ):
-            return False
-    return True
+def _is_replaceable(path: Path, names: tuple[str, ...]) -> bool:
+    """Whether ``path`` holds only ``shapes-*.tar`` shards and ``names`` (so it may be overwritten)."""
+    return all(
+        e.is_file() and (e.name in names or (e.name.startswith("shapes-") and e.name.endswith(".tar")))
+        for e in path.iterdir()
+    )
+
+
+@contextmanager
+def atomic_folder(out_dir, names: tuple[str, ...] = ("info.json", "tokenizer.json")) -> Iterator[Path]:
+    """A temporary sibling folder that becomes ``out_dir`` when the block ends without error.
+
+    So an interrupted run never leaves a folder that looks finished (``info.json``
+    present means complete) nor temporary debris.  An existing ``out_dir`` is
+    replaced only if it is empty or holds nothing but shapes shards and ``names``
+    (a previous generated data set); otherwise ``FileExistsError``.
+    """
+    out = Path(out_dir).absolute()
+    if out.exists() and not (out.is_dir() and _is_replaceable(out, names)):
+        raise FileExistsError(f"{out} exists and is not a shapes data set; refusing to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        if out.exists():
+            # os.replace cannot replace a non-empty directory: move the old one aside first.
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_tar_shards(folder: Path, prefix: str, groups: Iterable[list[dict]], shard_size: int) -> list[str]:
+    """Write ``<prefix>-000000.tar``, ... into ``folder``, ``shard_size`` groups of samples per shard.
+
+    A group (e.g. the captions of one image) never straddles two shards.  Returns the shard names.
+    """
+    import webdataset as wds
+
+    names: list[str] = []
+    sink = None
+    try:
+        for i, group in enumerate(groups):
+            if i % shard_size == 0:
+                if sink is not None:
+                    sink.close()
+                names.append(f"{prefix}-{len(names):06d}.tar")
+                sink = wds.TarWriter(str(folder / names[-1]), mtime=_TAR_MTIME)
+            for sample in group:
+                sink.write(sample)
+    finally:
+        if sink is not None:  # an unclosed TarWriter leaves the shard without its end-of-archive blocks
+            sink.close()
+    return names
+
+
+def check_write_arguments(samples: int, shard_size: int, image_size: int) -> None:
+    """The ``ValueError`` of a data set that cannot be written, before anything is touched."""
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if image_size < _MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be at least {_MIN_IMAGE_SIZE}, got {image_size}")
 
 
 def write_shapes(
@@ -450,45 +551,24 @@ def write_shapes(
     samples each, keys ``f"{seed:04d}-{index:08d}"``), ``tokenizer.json``
     (see :func:`train_tokenizer`) and ``info.json`` (``samples``, ``shards``,
     ``seed``, ``image_size``, ``colors``, ``shapes``, ``sizes``, ``relations``,
-    ``feature_dim``, ``num_classes``, ``shard_size``).
-
-    Everything is written into a temporary sibling folder that is renamed to
-    ``out_dir`` only once complete, so an interrupted run never leaves a folder
-    that looks finished: ``info.json`` present means complete.  An existing
-    ``out_dir`` is replaced only if it is empty or holds nothing but files this
-    function writes (a previous shapes data set); otherwise ``FileExistsError``.
+    ``feature_dim``, ``num_classes``, ``shard_size``), atomically (see
+    :func:`atomic_folder`: ``info.json`` present means complete).
     """
-    import webdataset as wds
     from tqdm.auto import tqdm
 
-    if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    if image_size < _MIN_IMAGE_SIZE:
-        raise ValueError(f"image_size must be at least {_MIN_IMAGE_SIZE}, got {image_size}")
-    out = Path(out_dir).absolute()
-    if out.exists() and not (out.is_dir() and _is_replaceable(out)):
-        raise FileExistsError(f"{out} exists and is not a shapes data set; refusing to overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_write_arguments(samples, shard_size, image_size)
+    captions: list[str] = []
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        names: list[str] = []
-        captions: list[str] = []
+    def groups(bar) -> Iterator[list[dict]]:
+        for index in range(samples):
+            sample = make_sample(_sample_rng(seed, index), image_size)
+            captions.append(sample["txt"])
+            yield [{"__key__": f"{seed:04d}-{index:08d}", **sample}]
+            bar.update(1)
+
+    with atomic_folder(out_dir) as tmp:
         with tqdm(total=samples, unit="sample", desc=desc or "shapes", disable=not progress) as bar:
-            for shard, start in enumerate(range(0, samples, shard_size)):
-                name = f"shapes-{shard:06d}.tar"
-                # The context manager closes the writer even on errors; an unclosed
-                # TarWriter leaves the shard without its end-of-archive blocks.
-                with wds.TarWriter(str(tmp / name), mtime=_TAR_MTIME) as sink:
-                    for index in range(start, min(start + shard_size, samples)):
-                        sample = make_sample(_sample_rng(seed, index), image_size)
-                        captions.append(sample["txt"])
-                        sink.write({"__key__": f"{seed:04d}-{index:08d}", **sample})
-                        bar.update(1)
-                names.append(name)
-
+            names = write_tar_shards(tmp, "shapes", groups(bar), shard_size)
         train_tokenizer(captions).save(str(tmp / "tokenizer.json"))
         info = {
             "samples": samples,
@@ -504,17 +584,4 @@ def write_shapes(
             "shard_size": shard_size,
         }
         (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-
-        if out.exists():
-            # os.replace cannot replace a non-empty directory: move the old one aside first.
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return [str(out / n) for n in names]
+    return [str(Path(out_dir).absolute() / n) for n in names]
