@@ -70,16 +70,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .generated import atomic_folder, write_tar_shards
 from .samples import npz_bytes
 
 __all__ = [
@@ -90,7 +87,7 @@ __all__ = [
     "Box", "place_boxes", "relation_of", "render_objects", "regions_npz", "jpeg_bytes", "describe_objects",
     # samples, tokenizer, writing
     "make_sample", "decode_sample", "train_tokenizer",
-    "atomic_folder", "write_tar_shards", "check_write_arguments", "write_shapes",
+    "check_write_arguments", "write_shapes",
 ]
 
 # --------------------------------------------------------------------------- vocabulary
@@ -141,9 +138,6 @@ _JITTER = 10
 # Logit margin of the true class in the simulated detector (about 98% argmax accuracy).
 _LABEL_MARGIN = 4.5
 _JPEG_QUALITY = 90
-# Fixed timestamps so that .npz members and tar members are byte-reproducible.
-# An int: tarfile writes an extra 1 KiB PAX header per member for a float mtime.
-_TAR_MTIME = 0
 _MIN_IMAGE_SIZE = 24
 
 
@@ -414,42 +408,17 @@ def decode_sample(sample: dict) -> dict:
 
 
 def train_tokenizer(captions: Iterable[str]):
-    """A WordPiece tokenizer in which every caption word is exactly one token.
-
-    The vocabulary is the special tokens ([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3,
-    [MASK]=4) followed by the sorted union of the words in ``captions`` and the
-    whole caption grammar (:data:`VOCAB_WORDS`).  It is built directly instead
-    of with ``WordPieceTrainer`` because the trainer may split rare words into
-    sub-words, and one-token-per-word is what makes word-level grounding labels
-    (word index -> token index) trivial.  Including the grammar words makes the
-    vocabulary the same for every seed and sample count, so models trained on
-    different generations of the data set share token ids.
-
-    Normalizer BertNormalizer(lowercase=True), pre-tokenizer BertPreTokenizer,
-    post-processor ``[CLS] $A [SEP]`` (pairs: ``[CLS] $A [SEP] $B [SEP]``), and a
-    WordPiece decoder.
-    """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    """A WordPiece tokenizer in which every caption word is exactly one token: the special tokens
+    ([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4), then the sorted union of the words in ``captions``
+    and the whole grammar (:data:`VOCAB_WORDS`), so the vocabulary is the same for every seed and
+    sample count and models trained on different generations of the data share token ids (see
+    :func:`vlpt.data.vocab.word_tokenizer`)."""
+    from .vocab import word_tokenizer
 
     words = set(VOCAB_WORDS)
     for caption in captions:
         words.update(caption.lower().split())
-    words.difference_update(SPECIAL_TOKENS)
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for w in sorted(words):
-        vocab[w] = len(vocab)
-
-    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
-    )
-    tok.decoder = decoders.WordPiece(prefix="##")
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
-    return tok
+    return word_tokenizer(words, SPECIAL_TOKENS)
 
 
 # --------------------------------------------------------------------------- writing
@@ -462,68 +431,6 @@ def _sample_rng(seed: int, index: int) -> np.random.Generator:
     and any sample can be regenerated on its own.
     """
     return np.random.default_rng([seed, index])
-
-
-def _is_replaceable(path: Path, names: tuple[str, ...]) -> bool:
-    """Whether ``path`` holds only ``shapes-*.tar`` shards and ``names`` (so it may be overwritten)."""
-    return all(
-        e.is_file() and (e.name in names or (e.name.startswith("shapes-") and e.name.endswith(".tar")))
-        for e in path.iterdir()
-    )
-
-
-@contextmanager
-def atomic_folder(out_dir, names: tuple[str, ...] = ("info.json", "tokenizer.json")) -> Iterator[Path]:
-    """A temporary sibling folder that becomes ``out_dir`` when the block ends without error.
-
-    So an interrupted run never leaves a folder that looks finished (``info.json``
-    present means complete) nor temporary debris.  An existing ``out_dir`` is
-    replaced only if it is empty or holds nothing but shapes shards and ``names``
-    (a previous generated data set); otherwise ``FileExistsError``.
-    """
-    out = Path(out_dir).absolute()
-    if out.exists() and not (out.is_dir() and _is_replaceable(out, names)):
-        raise FileExistsError(f"{out} exists and is not a shapes data set; refusing to overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        if out.exists():
-            # os.replace cannot replace a non-empty directory: move the old one aside first.
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_tar_shards(folder: Path, prefix: str, groups: Iterable[list[dict]], shard_size: int) -> list[str]:
-    """Write ``<prefix>-000000.tar``, ... into ``folder``, ``shard_size`` groups of samples per shard.
-
-    A group (e.g. the captions of one image) never straddles two shards.  Returns the shard names.
-    """
-    import webdataset as wds
-
-    names: list[str] = []
-    sink = None
-    try:
-        for i, group in enumerate(groups):
-            if i % shard_size == 0:
-                if sink is not None:
-                    sink.close()
-                names.append(f"{prefix}-{len(names):06d}.tar")
-                sink = wds.TarWriter(str(folder / names[-1]), mtime=_TAR_MTIME)
-            for sample in group:
-                sink.write(sample)
-    finally:
-        if sink is not None:  # an unclosed TarWriter leaves the shard without its end-of-archive blocks
-            sink.close()
-    return names
 
 
 def check_write_arguments(samples: int, shard_size: int, image_size: int) -> None:

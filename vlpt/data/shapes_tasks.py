@@ -34,11 +34,10 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from .shapes import (
-    COLORS, FEATURE_DIM, NUM_CLASSES, RELATIONS, SHAPES, SIZES, VOCAB_WORDS, Box, atomic_folder,
-    check_write_arguments, class_index, describe_objects, jpeg_bytes, place_boxes, regions_npz,
-    relation_of, render_objects, train_tokenizer, write_tar_shards,
-)
+from .generated import atomic_folder, write_tar_shards
+from .shapes import (COLORS, FEATURE_DIM, NUM_CLASSES, RELATIONS, SHAPES, SIZES, VOCAB_WORDS, Box, check_write_arguments,
+                     class_index, describe_objects, jpeg_bytes, place_boxes, regions_npz, relation_of, render_objects,
+                     train_tokenizer)
 
 __all__ = [
     "TASKS", "TASK_WORDS", "ANSWER_VOCAB", "QUESTION_ANSWERS", "NLVR2_STATEMENTS", "REFEXP_TYPES",
