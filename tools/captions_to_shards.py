@@ -61,6 +61,7 @@ from pathlib import Path
 
 from vlpt.data.shard_writer import (ImageOptions, ShardSink, add_output_arguments, check_output_arguments, convert,
                                     converter_main, order_rows, read_json_file, read_jsonl_file)
+from vlpt.data.vocab import wordpiece_tokenizer
 from vlpt.errors import UserError, tool_parser
 
 PROG = "captions_to_shards"
@@ -155,23 +156,6 @@ def write_row(sink: ShardSink, row: dict, opts: ImageOptions) -> None:
     sink.add(row["key"], {"txt": row["caption"], "jpg": jpg, "json": {"image": row["image"], **sizes, **row["meta"]}})
 
 
-def train_tokenizer(captions: list[str], vocab_size: int):
-    """A BERT-style WordPiece tokenizer trained on the captions ([PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
-    tok.train_from_iterator(captions, trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
-    return tok
-
-
 # --------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------
@@ -206,7 +190,7 @@ def run(args) -> int:
     convert(args, PROG, rows, write_row, info_extra={"source": str(args.captions)},
             skipped_rows={"empty or non-text caption": bad_captions})
     if args.vocab_size and not (out / "tokenizer.json").is_file():
-        train_tokenizer([r["caption"] for r in rows], args.vocab_size).save(str(out / "tokenizer.json"))
+        wordpiece_tokenizer([r["caption"] for r in rows], args.vocab_size).save(str(out / "tokenizer.json"))
     return 0
 
 

@@ -155,6 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--feature-dim", type=int, default=None, help="model.region_feature_dim: other sizes count as bad_regions")
     i.set_defaults(func=_delegate("vlpt.data.inspect", "main"))
 
+    k = dsub.add_parser("tokenizer", help="learn a WordPiece tokenizer.json from the captions of any shards",
+                        description="Train a BERT-style WordPiece vocabulary on the txt members of shards "
+                                    "(paths, brace patterns, globs or folders) and write tokenizer.json.")
+    k.add_argument("shards", nargs="+", help="shard paths, brace patterns, globs or folders")
+    k.add_argument("--out", required=True, help="the tokenizer.json to write")
+    k.add_argument("--vocab-size", type=int, default=8000, help="word pieces including the specials (default: 8000)")
+    k.add_argument("--limit", type=int, default=None, help="read at most this many captions")
+    k.add_argument("--cased", action="store_true", help="keep case (default: lowercase, as bert-base-uncased)")
+    k.add_argument("--quiet", action="store_true", help="no progress bar")
+    k.set_defaults(func=_delegate("vlpt.data.vocab", "main"))
+
     o = sub.add_parser("objectives", help="list registered objectives and their options")
     o.add_argument("recipe", nargs="?", help="also list the objectives of this recipe's plugins")
     o.set_defaults(func=_objectives)

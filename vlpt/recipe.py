@@ -64,9 +64,11 @@ class ModelConfig:
 class ShapesConfig:
     """The built-in synthetic shapes data, generated on first use into the cache folder."""
 
-    samples: int = 20000
+    samples: int = 20000  # samples (images for task: retrieval, each with 2-3 captions)
     seed: int = 0
     image_size: int = 64
+    # null: captions (pretraining); or a task of the shapes downstream suite (docs/shapes-suite.md)
+    task: Optional[Literal["vqa", "refexp", "nlvr2", "retrieval"]] = None
 
 
 @dataclass

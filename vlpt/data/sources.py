@@ -22,25 +22,38 @@ def cache_dir(recipe: Recipe | None = None) -> Path:
     return Path(os.environ.get("VLPT_CACHE", "~/.cache/vlpt")).expanduser()
 
 
+#: version of the generated data's folder name: a change to what is generated gets new folders
+SHAPES_VERSION = "v1"
+
+
 def shapes_dir(cfg: ShapesConfig, root: Path) -> Path:
-    return root / "shapes" / f"v1-n{cfg.samples}-seed{cfg.seed}-px{cfg.image_size}"
+    kind = f"-{cfg.task}" if cfg.task else ""
+    return root / "shapes" / f"{SHAPES_VERSION}{kind}-n{cfg.samples}-seed{cfg.seed}-px{cfg.image_size}"
 
 
 def ensure_shapes(cfg: ShapesConfig, root: Path, progress: bool = True, quiet: bool = False) -> Path:
-    """Generate the shapes split into the cache unless it is there already (safe across ranks)."""
-    from .shapes import write_shapes
-
+    """Generate the shapes split (or a split of the downstream suite) into the cache unless it is
+    there already (safe across ranks: one process builds, the others wait and reuse it)."""
     out = shapes_dir(cfg, root)
     if (out / "info.json").is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one process builds; the others wait, then reuse
+        fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / "info.json").is_file():
+            what = f"shapes {cfg.task} task" if cfg.task else "shapes data set"
             if not quiet:
-                print(f"vlpt: building the shapes data set ({cfg.samples} samples, seed {cfg.seed}) in {out}", file=sys.stderr)
-            write_shapes(out, cfg.samples, seed=cfg.seed, image_size=cfg.image_size, progress=progress,
-                         desc=f"shapes seed {cfg.seed}")
+                print(f"vlpt: building the {what} ({cfg.samples} samples, seed {cfg.seed}) in {out}", file=sys.stderr)
+            if cfg.task:
+                from .shapes_tasks import write_shapes_task
+
+                write_shapes_task(out, cfg.task, cfg.samples, seed=cfg.seed, image_size=cfg.image_size,
+                                  progress=progress, desc=f"shapes {cfg.task} seed {cfg.seed}")
+            else:
+                from .shapes import write_shapes
+
+                write_shapes(out, cfg.samples, seed=cfg.seed, image_size=cfg.image_size, progress=progress,
+                             desc=f"shapes seed {cfg.seed}")
     return out
 
 
