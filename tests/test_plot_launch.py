@@ -1,4 +1,4 @@
-"""`vlpt plot`, the accelerate launch configs and the SLURM script (fast, offline)."""
+"""`vlpt plot`, the accelerate launch configs and the SLURM script for a single run (fast, offline)."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,7 @@ from vlpt.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = sorted((REPO / "recipes" / "launch").glob("*.yaml"))
-SBATCH = REPO / "tools" / "slurm" / "train.sbatch"
+SBATCH = REPO / "vlpt" / "sweep" / "train.sbatch"  # the project's one SLURM script (a sweep fills it in)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -226,7 +226,7 @@ def test_deepspeed_config_is_zero2_bf16():
     assert ds["zero_optimization"]["stage"] == 2
     assert ds["gradient_accumulation_steps"] == 1
     assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
-    # on several nodes (tools/slurm/train.sbatch): one torchrun per node, no pdsh/ssh hostfile
+    # on several nodes (vlpt/sweep/train.sbatch): one torchrun per node, no pdsh/ssh hostfile
     args, _ = launch_env(REPO / "recipes/launch/deepspeed-zero2-1x8.yaml", "--num_machines", "2", "--num_processes", "16",
                          "--machine_rank", "1", "--main_process_ip", "node-a")
     assert args.deepspeed_multinode_launcher == "standard"
@@ -235,12 +235,16 @@ def test_deepspeed_config_is_zero2_bf16():
 
 # -- the SLURM script ---------------------------------------------------------------------------
 
-def test_sbatch_script_parses():
+def test_sbatch_script_parses_and_is_installed():
     assert subprocess.run(["bash", "-n", str(SBATCH)], capture_output=True, text=True).returncode == 0
     text = SBATCH.read_text()
     for directive in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@120", "#SBATCH --ntasks-per-node=1"):
         assert directive in text
     assert "recipes/launch/ddp-4x8.yaml" in text and (REPO / "recipes/launch/ddp-4x8.yaml").is_file()
+    from importlib import resources
+
+    assert resources.files("vlpt.sweep").joinpath("train.sbatch").read_text() == text  # what `vlpt sweep` fills in
+    assert not (REPO / "tools" / "slurm").exists()  # the only SLURM script
 
 
 STUBS = {
@@ -251,14 +255,20 @@ STUBS = {
     # skip srun's options, run the command once per node with its SLURM_NODEID
     "srun": 'while [ "${1#-}" != "$1" ]; do shift; done\n'
             'for n in 0 1; do SLURM_NODEID=$n "$@" & echo $! >> "$STUB_DIR/pids"; done\nwait\n',
-    # a launcher that records its arguments and trains until it gets SIGTERM
+    # a launcher that records its arguments and trains until it gets SIGTERM; with STUB_DONE, node 0
+    # marks the run done as the trainer does (done.json beside the recipe, its last argument)
     "accelerate": 'echo "node $SLURM_NODEID: $*" >> "$STUB_LOG"\n'
                   'trap \'echo "node $SLURM_NODEID: checkpoint and exit" >> "$STUB_LOG"; kill $sp; exit 0\' TERM\n'
-                  'if [ -n "$STUB_TRAIN_S" ]; then sleep "$STUB_TRAIN_S" & sp=$!; wait $sp; fi\n',
+                  'if [ -n "$STUB_TRAIN_S" ]; then sleep "$STUB_TRAIN_S" & sp=$!; wait $sp; fi\n'
+                  'if [ -n "${STUB_DONE:-}" ] && [ "$SLURM_NODEID" = 0 ]; then\n'
+                  '  for last; do :; done; echo \'{"step": 999999}\' > "$(dirname "$last")/done.json"\nfi\n',
 }
 
 
-def run_sbatch(tmp_path: Path, train_s: str, stop_after_start: bool):
+def run_sbatch(tmp_path: Path, train_s: str, stop_after_start: bool, script: Path = SBATCH,
+               args: tuple = ("recipes/uniter-base.yaml", "train.steps=10"), env: dict | None = None):
+    """Run ``script`` as SLURM would on two nodes, with stand-ins for srun, scontrol, scancel and
+    accelerate: (exit status, output, what the stand-ins recorded)."""
     if shutil.which("bash") is None:
         pytest.skip("needs bash")
     bin_dir = tmp_path / "bin"
@@ -271,8 +281,8 @@ def run_sbatch(tmp_path: Path, train_s: str, stop_after_start: bool):
     (tmp_path / "pids").touch()
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "STUB_LOG": str(log),
            "STUB_DIR": str(tmp_path), "STUB_TRAIN_S": train_s, "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "gpu-[a-b]",
-           "SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "4"}
-    proc = subprocess.Popen(["bash", str(SBATCH), "recipes/uniter-base.yaml", "train.steps=10"], cwd=REPO, env=env,
+           "SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "4", **(env or {})}
+    proc = subprocess.Popen(["bash", str(script), *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if stop_after_start:
         deadline = time.time() + 20
@@ -290,7 +300,20 @@ def test_sbatch_starts_one_launcher_per_node(tmp_path):
         assert (f"node {node}: launch --config_file recipes/launch/ddp-4x8.yaml --num_machines 2 --num_processes 8 "
                 f"--machine_rank {node} --main_process_ip gpu-a --main_process_port 29500 "
                 f"-m vlpt.cli train recipes/uniter-base.yaml train.steps=10") in log
-    assert "requeue" not in log
+    assert "requeue" not in log and "--multi_gpu" not in log  # the config file says how to distribute
+
+
+def test_sbatch_without_a_config_file_asks_for_ddp(tmp_path):
+    rc, out, log = run_sbatch(tmp_path, train_s="", stop_after_start=False,
+                              env={"LAUNCH_CONFIG": "", "LAUNCH_ARGS": "--mixed_precision bf16"})
+    assert rc == 0, out
+    assert ("node 1: launch --num_machines 2 --num_processes 8 --machine_rank 1 --main_process_ip gpu-a "
+            "--main_process_port 29500 --mixed_precision bf16 --multi_gpu -m vlpt.cli train") in log
+
+
+def test_sbatch_without_a_recipe_prints_its_usage(tmp_path):
+    rc, out, log = run_sbatch(tmp_path, train_s="", stop_after_start=False, args=())
+    assert rc == 2 and "usage: sbatch vlpt/sweep/train.sbatch RECIPE" in out and "launch" not in log
 
 
 def test_sbatch_checkpoints_and_requeues_on_the_time_limit_signal(tmp_path):

@@ -176,18 +176,21 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--force", action="store_true", help="overwrite existing files")
     n.set_defaults(func=_delegate("vlpt.scaffold", "main"))
 
-    w = sub.add_parser("sweep", help="run a grid or list of recipe variants (ablations)")
+    w = sub.add_parser("sweep", help="run a grid or list of recipe variants (ablations)",
+                       description="Run a sweep file's variants; key.path=value overrides apply to every variant.")
     w.add_argument("sweep", help="a sweep YAML file")
+    w.add_argument("overrides", nargs="*", help="e.g. train.steps=20 output_dir=sweeps/other (before --only)")
     w.add_argument("--launcher", choices=["local", "slurm"], default="local",
                    help="local: run the variants in turn here; slurm: write an sbatch array script")
     w.add_argument("--dry-run", action="store_true", help="list the variants (and write the script for slurm); run nothing")
     w.add_argument("--only", nargs="*", default=None, help="run only these variants")
-    w.set_defaults(func=_delegate("vlpt.sweep", "sweep_main"))
+    w.set_defaults(func=_delegate("vlpt.sweep.command", "sweep_main"))
 
     r = sub.add_parser("report", help="compare the variants of a sweep: markdown table, CSV, PNG")
     r.add_argument("sweep_dir", help="the sweep's output folder")
-    r.add_argument("--metrics", nargs="*", default=None, help="columns to show (default: every eval.json metric)")
-    r.set_defaults(func=_delegate("vlpt.sweep", "report_main"))
+    r.add_argument("--metrics", nargs="*", default=None, help="columns to show (default: the sweep file's report.metrics, else every "
+                   "eval.json metric; with downstream tasks, their listed metrics and meta_sum first)")
+    r.set_defaults(func=_delegate("vlpt.sweep.report", "report_main"))
 
     pl = sub.add_parser("plot", help="draw loss per task and eval metrics over steps to a PNG (needs matplotlib)")
     pl.add_argument("run", help="a run folder (output_dir)")

@@ -1,4 +1,4 @@
-"""``vlpt plot RUN_DIR``: a run's ``metrics.jsonl`` as one PNG.
+"""``vlpt plot RUN_DIR``: a run's ``metrics.jsonl`` as one PNG (and ``vlpt report``'s comparison bars).
 
 Panels (each drawn only when the log has its keys):
 
@@ -13,8 +13,11 @@ A run resumed from a checkpoint appends to the same log, logging again from the
 checkpoint's step: the later lines replace the earlier ones from that step on, so the
 plot shows the run as it continued.
 
-matplotlib is an optional extra (``pip install 'vlpt[plot]'``); the figure is drawn on an
-Agg canvas directly, never through pyplot, so it needs no display and leaves the backend of an
+:func:`plot_comparison` draws ``vlpt report``'s grouped bars: one group per metric, one bar per
+variant of a sweep.
+
+matplotlib is an optional extra (``pip install 'vlpt[plot]'``); the figures are drawn on an
+Agg canvas directly, never through pyplot, so they need no display and leave the backend of an
 interactive session alone.
 """
 from __future__ import annotations
@@ -234,6 +237,45 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     return out
+
+
+def plot_comparison(variants: list[tuple[str, dict[str, float]]], metrics: list[str], out: str | Path,
+                    lower_better: set[str] | frozenset = frozenset()) -> bool:
+    """``vlpt report``'s grouped bars: one group per metric, one bar per variant (name, metrics).
+    Metrics within [0, 1] where higher is better (accuracies, recalls) share one panel; each other
+    metric (a loss, a Meta-Sum) gets its own. False, drawing nothing, without matplotlib or values."""
+    try:
+        from matplotlib import colormaps
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    shown = [m for m in metrics if any(m in values for _, values in variants)]
+    if not variants or not shown:
+        return False
+    unit = [m for m in shown if m not in lower_better and all(0 <= v.get(m, 0) <= 1 for _, v in variants)]
+    panels = ([unit] if unit else []) + [[m] for m in shown if m not in unit]
+    n = len(variants)
+    widths = [max(2.0, 0.9 * len(p) * max(1.0, n / 6)) for p in panels]
+    fig = Figure(figsize=(sum(widths) + 1, 4.6))
+    FigureCanvasAgg(fig)  # Agg, without pyplot, as plot_run
+    axes = fig.subplots(1, len(panels), squeeze=False, gridspec_kw={"width_ratios": widths})[0]
+    colors = colormaps["tab10" if n <= 10 else "tab20"]
+    bar = 0.8 / n
+    for ax, group in zip(axes, panels):
+        for i, (name, values) in enumerate(variants):
+            xs = [g + (i - (n - 1) / 2) * bar for g in range(len(group))]
+            ax.bar(xs, [values.get(m, math.nan) for m in group], width=bar, color=colors(i), label=name)
+        ax.set_xticks(range(len(group)), [m + (" (lower better)" if m in lower_better else "") for m in group],
+                      rotation=30, ha="right", fontsize=8)
+        ax.tick_params(axis="y", labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=min(5, n), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.07 * ((n + 4) // 5)))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return True
 
 
 def main(args) -> int:
