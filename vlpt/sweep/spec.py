@@ -20,7 +20,6 @@ from ..checks import check_files
 from ..errors import RecipeError, UserError, did_you_mean
 from ..recipe import Recipe, from_dict, load_raw, merge, parse_overrides
 from ..run_dir import RunDir
-from ..tasks import resolve_tasks
 
 SWEEP_KEYS = ("base", "output_dir", "overrides", "variants", "grid", "finetune", "downstream", "slurm", "report",
               "anchors")
@@ -160,6 +159,8 @@ def build_recipe(raw: dict, where: str, run_dir: Path, check_data: bool) -> Reci
         recipe = from_dict(Recipe, raw)
         recipe.source = str(RunDir(run_dir).recipe)
         check_files(recipe, data=check_data)
+        from ..tasks import resolve_tasks  # torch: not for `vlpt report`, which reads this module too
+
         resolve_tasks(recipe)
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
