@@ -125,12 +125,13 @@ def _binomial_margin(p, n, z=4.0):
 # --------------------------------------------------------------------------- constants and vocabulary
 
 
-def test_constants_and_the_pretraining_vocabulary_unchanged():
-    assert S.VOCAB_WORDS == (
+def test_constants_and_one_vocabulary_for_captions_and_the_suite():
+    assert S.CAPTION_WORDS == (
         "a", "above", "and", "below", "blue", "circle", "cross", "gray", "green", "large", "left", "of",
         "orange", "purple", "red", "right", "small", "square", "triangle", "white", "yellow",
     )
-    assert list(T.TASK_WORDS) == sorted(set(T.TASK_WORDS)) and set(S.VOCAB_WORDS) <= set(T.TASK_WORDS)
+    assert list(T.TASK_WORDS) == sorted(set(T.TASK_WORDS)) and T.TASK_WORDS == S.VOCAB_WORDS
+    assert set(S.CAPTION_WORDS) | set(S.SUITE_WORDS) == set(S.VOCAB_WORDS)
     assert len(set(T.ANSWER_VOCAB)) == len(T.ANSWER_VOCAB)
     assert {a for answers in T.QUESTION_ANSWERS.values() for a in answers} == set(T.ANSWER_VOCAB)
     assert T.TASKS == ("vqa", "refexp", "nlvr2", "retrieval")

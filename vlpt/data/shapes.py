@@ -119,11 +119,20 @@ NUM_CLASSES: int = 1 + len(COLORS) * len(SHAPES)
 
 #: Special tokens of the caption tokenizer, in id order ([PAD] = 0 ... [MASK] = 4).
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-#: Every word the caption grammar can produce, so that a tokenizer trained on a
-#: few captions still covers any caption (and any prompt built from the grammar).
-VOCAB_WORDS: tuple[str, ...] = tuple(
+#: Every word the caption grammar can produce.
+CAPTION_WORDS: tuple[str, ...] = tuple(
     sorted({"a", "and", *SIZES, *COLORS, *SHAPES, *(w for r in RELATIONS for w in r.split())})
 )
+#: The further words of the downstream suite's questions, expressions and statements
+#: (``vlpt.data.shapes_tasks``): plurals, question and comparison words.
+SUITE_WORDS: tuple[str, ...] = tuple(sorted(
+    {"circles", "squares", "triangles", "crosses", *"""an the what color shape is object objects how many are there
+     left right image images has have more fewer than both same number of contain contains exactly one
+     neither""".split()} - set(CAPTION_WORDS)))
+#: One vocabulary for pretraining and the downstream suite, so that a tokenizer trained on a few
+#: captions still covers any caption, and a finetune reads its questions with the pretrained
+#: model's tokenizer.
+VOCAB_WORDS: tuple[str, ...] = tuple(sorted({*CAPTION_WORDS, *SUITE_WORDS}))
 
 # Object counts 1, 2, 3 and their probabilities.
 _COUNT_PROBS = (0.1, 0.45, 0.45)

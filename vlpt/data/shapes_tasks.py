@@ -70,10 +70,8 @@ NLVR2_STATEMENTS: dict[str, Callable[[int, int], bool]] = {
 }
 REFEXP_TYPES = ("attribute", "relation")
 
-_FUNCTION_WORDS = ("a an the what color shape is object objects how many are there left right image images "
-                   "has have more fewer than both same number of contain contains exactly one neither")
-#: every word a text of the suite can produce (with the pretraining grammar's words)
-TASK_WORDS: tuple[str, ...] = tuple(sorted({*VOCAB_WORDS, *_PLURAL.values(), *_FUNCTION_WORDS.split()}))
+#: every word a text of the suite can produce: the shapes vocabulary (which includes them)
+TASK_WORDS: tuple[str, ...] = VOCAB_WORDS
 
 _ROWS = 3  # at most this many objects per image, as in pretraining
 _TRIES = 1000  # scene proposals before giving up (only a bug makes a specification this hard to meet)

@@ -23,7 +23,7 @@ def cache_dir(recipe: Recipe | None = None) -> Path:
 
 
 #: version of the generated data's folder name: a change to what is generated gets new folders
-SHAPES_VERSION = "v1"
+SHAPES_VERSION = "v2"  # v2: one vocabulary for captions and the downstream suite
 
 
 def shapes_dir(cfg: ShapesConfig, root: Path) -> Path:
