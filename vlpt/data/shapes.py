@@ -123,15 +123,11 @@ SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 CAPTION_WORDS: tuple[str, ...] = tuple(
     sorted({"a", "and", *SIZES, *COLORS, *SHAPES, *(w for r in RELATIONS for w in r.split())})
 )
-#: The further words of the downstream suite's questions, expressions and statements
-#: (``vlpt.data.shapes_tasks``): plurals, question and comparison words.
-SUITE_WORDS: tuple[str, ...] = tuple(sorted(
-    {"circles", "squares", "triangles", "crosses", *"""an the what color shape is object objects how many are there
-     left right image images has have more fewer than both same number of contain contains exactly one
-     neither""".split()} - set(CAPTION_WORDS)))
-#: One vocabulary for pretraining and the downstream suite, so that a tokenizer trained on a few
-#: captions still covers any caption, and a finetune reads its questions with the pretrained
-#: model's tokenizer.
+#: The further words of the downstream suite's texts (``vlpt.data.shapes_tasks``). One vocabulary
+#: for both: a finetune reads its questions with the pretrained model's tokenizer.
+SUITE_WORDS: tuple[str, ...] = tuple(sorted(set("""circles squares triangles crosses an the what color shape is
+    object objects how many are there left right image images has have more fewer than both same number of
+    contain contains exactly one neither""".split()) - set(CAPTION_WORDS)))
 VOCAB_WORDS: tuple[str, ...] = tuple(sorted({*CAPTION_WORDS, *SUITE_WORDS}))
 
 # Object counts 1, 2, 3 and their probabilities.
