@@ -354,3 +354,40 @@ def test_objectives_lists_a_recipes_plugins(tmp_path, capsys, fresh_registry):
     out = capsys.readouterr().out
     assert "caption_length_listed" in out and "caption_length.py" in out
     assert "itm" in out and "draws from a pool" in out and "mrc_kl" in out and "reads soft_labels" in out
+
+
+# Two plugins that share a value within a task: one leaves scores in `out.shared`, one reads them.
+SHARED_PAIR = '''
+from dataclasses import dataclass
+import torch
+from vlpt import Objective, ObjectiveOutput, register_objective
+
+@register_objective("scorer")
+class Scorer(Objective):
+    needs = {"text", "image"}
+    provides = ("pair_scores",)
+
+    def forward(self, out, batch):
+        out.shared["pair_scores"] = out.pooled.sum(-1)
+        return ObjectiveOutput(out.pooled.sum() * 0)
+
+@register_objective("reader")
+class Reader(Objective):
+    needs = {"text", "image"}
+    uses = ("pair_scores",)
+
+    def forward(self, out, batch):
+        return ObjectiveOutput(out.shared["pair_scores"].pow(2).mean())
+'''
+
+
+def test_a_plugin_reading_a_shared_value_no_earlier_objective_provides_fails_at_validation(tmp_path, capsys,
+                                                                                            fresh_registry):
+    plugin = _plugin(tmp_path, "shared_pair.py", SHARED_PAIR)
+    rc, err = _dry_run(tmp_path, capsys, [plugin], {"reader": 1.0, "scorer": 1.0})  # the provider comes after
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "tasks.t.objectives.reader" in err and "'pair_scores'" in err and "put scorer before reader" in err
+    rc, err = _dry_run(tmp_path, capsys, [plugin], {"reader": 1.0})  # no provider in the task: name the one there is
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "scorer does: put scorer before reader" in err, err
+    rc, err = _dry_run(tmp_path, capsys, [plugin], {"scorer": 1.0, "reader": 1.0})
+    assert rc == 0, err
