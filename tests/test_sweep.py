@@ -483,4 +483,8 @@ def test_the_table2_sweep_files_expand_to_the_ten_rows():
         joint = [t for t in tasks["all-joint"].values() if len(t.objectives) > 1]
         assert len(joint) == 1 and set(joint[0].objectives) == {"mlm", "mrfr", "mrc_kl"}
         for v in sweep.variants:
-            assert v.finetune is not None and v.finetune.recipe.model.init_from == str(v.run_dir)
+            later = [s for s in v.stages if s.label != "pretrain"]
+            assert later and all(s.recipe.model.init_from == str(v.run_dir) for s in later)
+    labels = [s.label for s in shapes.variants[0].stages]
+    assert labels[0] == "pretrain" and sorted(labels[1:]) == [
+        "downstream/nlvr2", "downstream/refexp", "downstream/retrieval", "downstream/vqa"]
