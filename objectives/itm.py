@@ -6,8 +6,11 @@ pooled ``[CLS]`` state tells matched from mismatched pairs (softmax
 cross-entropy, as UNITER's code does).
 
 Negatives come from a pool of recent samples in the same worker's stream and
-never pair an image with its own caption (the pool sample's key must differ),
-so they are re-drawn on every pass over the data.
+never pair a caption with its own image, nor with another caption's copy of
+it (COCO has five captions per image): a pool sample is rejected when it shows
+the same picture (:func:`same_image`: the same ``image_id``, ``img_fname`` or
+``image`` in the metadata, else identical region features or pixels), as
+UNITER's sampler rejects by image file name. They are re-drawn on every pass.
 
 ``negatives: hard`` (ALBEF) draws them inside the batch instead, where the model
 finds them hardest: ``prepare`` keeps every pair matched, and ``forward`` pairs each
@@ -37,9 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlpt.batch import BATCH_IMAGE_FIELDS, BATCH_TEXT_FIELDS, swap_image
+from vlpt.batch import BATCH_IMAGE_FIELDS, BATCH_TEXT_FIELDS, FLAGS, META, swap_image
 from vlpt.eval import recall_at
 from vlpt import EncoderOutput, Objective, ObjectiveOutput, register_objective
+from vlpt.model.heads import init_linear
 
 
 def hard_negatives(similarity: torch.Tensor, generator: torch.Generator | None = None):
@@ -58,10 +62,36 @@ def hard_negatives(similarity: torch.Tensor, generator: torch.Generator | None =
     return draw(similarity), draw(similarity.t())
 
 
+#: metadata keys that name a sample's picture (COCO / VQA ids, UNITER's feature files, caption files)
+IMAGE_ID_KEYS = ("image_id", "img_fname", "image")
+
+
+def _image_name(sample: dict):
+    meta = sample.get(META)
+    if isinstance(meta, dict):
+        return next(((k, meta[k]) for k in IMAGE_ID_KEYS if meta.get(k) is not None), None)
+    return None
+
+
+def same_image(a: dict, b: dict) -> bool:
+    """Whether two clean samples show the same picture: by the name their metadata gives it when
+    both have one, else by identical region features (or pixels)."""
+    if a.get("key") is not None and a.get("key") == b.get("key"):
+        return True
+    name_a, name_b = _image_name(a), _image_name(b)
+    if name_a is not None and name_b is not None:
+        return name_a == name_b
+    for field in ("features", "image"):
+        x, y = a.get(field), b.get(field)
+        if x is not None and y is not None:
+            return x is y or (np.shape(x) == np.shape(y) and np.array_equal(x, y))
+    return False
+
+
 def negative_pairs(batch: dict, image_for_caption: torch.Tensor, caption_for_image: torch.Tensor) -> dict:
     """A batch of 2B mismatched pairs: every caption with its negative image, then every
     image with its negative caption."""
-    neg = {k: v for k, v in batch.items() if not torch.is_tensor(v)}  # flags such as zero_region_features
+    neg = {k: batch[k] for k in FLAGS if k in batch}  # flags such as zero_region_features (not per-sample lists)
     for k in BATCH_TEXT_FIELDS:
         if torch.is_tensor(batch.get(k)):
             neg[k] = torch.cat([batch[k], batch[k][caption_for_image]])
@@ -85,8 +115,7 @@ class ImageTextMatching(Objective):
     def __init__(self, options: Options, model, tokenizer):
         super().__init__(options, model, tokenizer)
         self.head = nn.Linear(model.config.hidden_size, 2)
-        nn.init.normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        init_linear(self.head)
 
     @classmethod
     def used(cls, options):
@@ -99,9 +128,9 @@ class ImageTextMatching(Objective):
     def prepare(self, sample, rng, pool=None):
         label = 1
         if self.options.negatives == "random" and pool and rng.random() < self.options.neg_prob:
-            for _ in range(8):  # a pool sample with another key; give up (keep positive) if none
+            for _ in range(8):  # a pool sample with another picture; give up (keep positive) if none
                 other = pool[rng.integers(len(pool))]
-                if other["key"] != sample["key"]:
+                if not same_image(other, sample):
                     sample, label = swap_image(sample, other), 0
                     break
         sample["itm_label"] = label

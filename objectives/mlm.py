@@ -7,6 +7,8 @@ regions. Regions are untouched (conditional masking: one modality at a time).
 
 The head is BERT's (dense, GELU, LayerNorm, then a decoder tied to the word
 embeddings) and runs only on the masked positions, not on the whole sequence.
+``prepare`` lists those positions (``mlm_positions``), so the step picks their
+rows without asking the device how many there are.
 
 Evaluation reports ``mlm_acc`` (held-out, standard masking) and, when samples
 carry grounding metadata naming word roles (the shapes data: size / color /
@@ -26,7 +28,8 @@ from torch import nn
 from vlpt import EncoderOutput, Objective, ObjectiveOutput, register_objective
 from vlpt.batch import META
 from vlpt.data.masking import IGNORE, mask_tokens
-from vlpt.model.heads import prediction_transform
+from vlpt.model.heads import init_linear, prediction_transform
+from vlpt.model.packing import select_rows
 
 
 @register_objective("mlm")
@@ -45,14 +48,14 @@ class MaskedLanguageModeling(Objective):
         H = model.config.hidden_size
         self.transform = prediction_transform(H)
         self.bias = nn.Parameter(torch.zeros(model.config.vocab_size))
-        nn.init.normal_(self.transform[0].weight, std=0.02)
-        nn.init.zeros_(self.transform[0].bias)
+        init_linear(self.transform[0])
 
     def prepare(self, sample, rng, pool=None):
         o, tok = self.options, self.tokenizer
         sample["input_ids"], sample["mlm_labels"] = mask_tokens(
             sample["input_ids"], rng, tok.mask_id, tok.vocab_size, tok.special_ids, o.prob, o.mask_frac, o.random_frac
         )
+        sample["mlm_positions"] = np.flatnonzero(sample["mlm_labels"] != IGNORE).tolist()  # a list: stays on the host
         return sample
 
     def logits(self, hidden: torch.Tensor, model) -> torch.Tensor:  # (n, H) -> (n, V)
@@ -60,9 +63,9 @@ class MaskedLanguageModeling(Objective):
 
     def forward(self, out: EncoderOutput, batch) -> ObjectiveOutput:
         labels = batch["mlm_labels"]  # (B, T)
-        selected = labels != IGNORE
-        logits = self.logits(out.text[selected], out.model)  # (n, V): masked positions only
-        target = labels[selected]
+        hidden, at = select_rows(out, batch.get("mlm_positions"), labels != IGNORE)  # (n, H), (n,) into labels (B·T)
+        logits = self.logits(hidden, out.model)  # (n, V): masked positions only
+        target = labels.reshape(-1).index_select(0, at)  # (n,)
         loss = F.cross_entropy(logits.float(), target)
         acc = (logits.argmax(-1) == target).float().mean()
         return ObjectiveOutput(loss, {"acc": acc.detach()})

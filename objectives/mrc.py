@@ -8,7 +8,8 @@ detector's classes) predicts, for each masked region:
 * ``mrc_kl``: the detector's whole class distribution; KL(detector ‖ model).
 
 Both need ``soft_labels`` in the data; a recipe that uses them on data without
-soft labels fails at recipe validation.
+soft labels fails at recipe validation. The head's Linears start as UNITER's do,
+N(0, 0.02) with zero bias; its LayerNorm gain takes weight decay, as in UNITER.
 """
 from __future__ import annotations
 
@@ -23,13 +24,15 @@ from torch import nn
 from vlpt import EncoderOutput, Objective, ObjectiveOutput, register_objective
 
 from vlpt.data.masking import mask_sample_regions
-from vlpt.model.heads import prediction_transform
+from vlpt.model.heads import init_linear, prediction_transform
+from vlpt.model.packing import list_masked_regions, masked_region_rows
 
 
 class _MaskedRegionClassification(Objective):
     needs = {"text", "image"}
     sample_fields = ("soft_labels",)  # checked on the first sample of every source before training
     pad_values = {"region_masked": False}
+    decay_also = ("transform.2.weight",)  # UNITER decays this LayerNorm gain (see vlpt.train.optim)
 
     @dataclass
     class Options:
@@ -42,9 +45,16 @@ class _MaskedRegionClassification(Objective):
         n = self.num_classes = options.num_classes
         self.transform = prediction_transform(H)
         self.classifier = nn.Linear(H, n)
+        init_linear(self.transform[0], self.classifier)
 
     def prepare(self, sample, rng, pool=None):
-        return mask_sample_regions(sample, rng, self.options.prob)
+        return list_masked_regions(mask_sample_regions(sample, rng, self.options.prob))
+
+    def masked(self, out: EncoderOutput, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits at the masked regions (n, C) and the detector's distributions there (n, C)."""
+        hidden, at = masked_region_rows(out, batch)  # (n, H), (n,) into (B·K)
+        soft = batch["soft_labels"]  # (B, K, C)
+        return self.logits(hidden), soft.reshape(-1, soft.shape[-1]).index_select(0, at)
 
     def logits(self, hidden):
         return self.classifier(self.transform(hidden)).float()
@@ -69,9 +79,8 @@ class _MaskedRegionClassification(Objective):
 @register_objective("mrc")
 class MaskedRegionClassification(_MaskedRegionClassification):
     def forward(self, out: EncoderOutput, batch) -> ObjectiveOutput:
-        masked = batch["region_masked"]
-        logits = self.logits(out.regions[masked])  # (n, C)
-        target = batch["soft_labels"][masked][:, 1:].argmax(-1) + 1  # arg-max excluding background
+        logits, soft = self.masked(out, batch)  # (n, C), (n, C)
+        target = soft[:, 1:].argmax(-1) + 1  # arg-max excluding background
         loss = F.cross_entropy(logits, target)
         return ObjectiveOutput(loss, {"acc": (logits.argmax(-1) == target).float().mean().detach()})
 
@@ -85,9 +94,9 @@ class MaskedRegionClassificationKL(_MaskedRegionClassification):
         reduction: Literal["elements", "regions"] = "elements"
 
     def forward(self, out: EncoderOutput, batch) -> ObjectiveOutput:
-        masked = batch["region_masked"]
-        logp = F.log_softmax(self.logits(out.regions[masked]), dim=-1)  # (n, C)
-        target = batch["soft_labels"][masked].float()
+        logits, soft = self.masked(out, batch)  # (n, C), (n, C)
+        logp = F.log_softmax(logits, dim=-1)  # (n, C)
+        target = soft.float()
         target = target / target.sum(-1, keepdim=True).clamp_min(1e-12)
         kl = F.kl_div(logp, target, reduction="none")  # (n, C)
         loss = kl.mean() if self.options.reduction == "elements" else kl.sum(-1).mean()

@@ -8,7 +8,9 @@ the image and the caption; MSE, mean over all masked elements of the batch.
 
 The head is UNITER's: dense, GELU, LayerNorm, then a linear map back to the
 feature space whose weight is the region projection W_f transposed (``tied``);
-``tied: false`` gives it a weight of its own.
+``tied: false`` gives it a weight of its own. Its Linears start as UNITER's do,
+N(0, 0.02) with zero bias; its LayerNorm gain takes weight decay, as in UNITER
+(whose no-decay rule is by name, and this LayerNorm is not named so there).
 """
 from __future__ import annotations
 
@@ -20,13 +22,15 @@ from torch import nn
 
 from vlpt import EncoderOutput, Objective, ObjectiveOutput, register_objective
 from vlpt.data.masking import mask_sample_regions
-from vlpt.model.heads import prediction_transform
+from vlpt.model.heads import init_linear, prediction_transform
+from vlpt.model.packing import list_masked_regions, masked_region_rows
 
 
 @register_objective("mrfr")
 class MaskedRegionFeatureRegression(Objective):
     needs = {"text", "image"}
     pad_values = {"region_masked": False}
+    decay_also = ("transform.2.weight",)  # UNITER decays this LayerNorm gain (see vlpt.train.optim)
 
     @dataclass
     class Options:
@@ -39,9 +43,10 @@ class MaskedRegionFeatureRegression(Objective):
         self.transform = prediction_transform(H)
         self.bias = nn.Parameter(torch.zeros(D))
         self.out = None if options.tied else nn.Linear(H, D, bias=False)
+        init_linear(self.transform[0], *([] if options.tied else [self.out]))
 
     def prepare(self, sample, rng, pool=None):
-        return mask_sample_regions(sample, rng, self.options.prob)
+        return list_masked_regions(mask_sample_regions(sample, rng, self.options.prob))
 
     def predict(self, hidden: torch.Tensor, model) -> torch.Tensor:  # (n, H) -> (n, D)
         h = self.transform(hidden)
@@ -49,9 +54,10 @@ class MaskedRegionFeatureRegression(Objective):
         return F.linear(h, weight, self.bias)
 
     def forward(self, out: EncoderOutput, batch) -> ObjectiveOutput:
-        masked = batch["region_masked"]  # (B, K) bool
-        pred = self.predict(out.regions[masked], out.model)  # (n, D)
-        target = batch["region_targets"][masked].to(pred.dtype)
+        hidden, at = masked_region_rows(out, batch)  # (n, H), (n,) into (B·K)
+        pred = self.predict(hidden, out.model)  # (n, D)
+        targets = batch["region_targets"]  # (B, K, D)
+        target = targets.reshape(-1, targets.shape[-1]).index_select(0, at)  # (n, D)
         loss = F.mse_loss(pred.float(), target.float())
         return ObjectiveOutput(loss, {"mse": loss.detach()})
 

@@ -29,7 +29,7 @@ is the built-in shapes data, samples are generated in memory with the shapes
 generator (real captions of 6-17 tokens, 1-3 regions of D = 192, nothing
 written to the cache); otherwise captions are random word pieces of
 ``--text-len`` tokens with ``--regions`` random regions. The MLM objective's
-own masking picks 15% of the word pieces (80/10/10) and exactly half of each
+own masking picks 15% of the word pieces (80/10/10) and about half of each
 batch's captions get another sample's image (ITM label 0). A few distinct
 batches are cycled through the steps. The two models alternate step by step,
 so background load hits both alike. Throughput = samples (or real, non-pad
@@ -58,6 +58,19 @@ embeddings, vlpt a box projection and extra LayerNorms in its region embedder).
 
     python tools/bench.py recipes/quickstart.yaml --vocab-size 30522
     python tools/bench.py recipes/quickstart.yaml --batch-size 32 --steps 10 --warmup 2 --json
+
+Against UNITER's own code
+-------------------------
+``--uniter DIR`` (a local checkout of ChenRocks/UNITER; no recipe) compares vlpt's training step
+with UNITER's on its MLM, ITM, ITM+WRA and MRFR tasks instead: the same weights copied into both,
+the same batches (vlpt's pipeline, rewritten into UNITER's inputs), losses and gradients checked
+first, then steps timed alternately (see ``tools/bench_uniter.py``). Sizes: ``--hidden``,
+``--layers``, ``--heads``, ``--vocab-size``, ``--batch-size``, ``--text-len``, ``--regions``,
+``--feature-dim`` (defaults: 256, 4, 4, 30522, 32, 24, 36, 2048). Exit code 1 when the two
+disagree.
+
+    mkdir -p /tmp/uniter && git --git-dir=UNITER/.git archive HEAD | tar -x -C /tmp/uniter
+    python tools/bench.py --uniter /tmp/uniter --threads 2
 
 Exit code 2 with one line on stderr for a user mistake (missing recipe, bad option).
 """
@@ -270,27 +283,15 @@ def _clean_samples(recipe, tokenizer, mcfg, n: int, seed: int, text_len, regions
     return out, f"synthetic: random word pieces, {lo}-{hi} tokens, {regions[0]}-{regions[1]} random regions"
 
 
-def _build_batches(samples: list[dict], batch_size: int, mlm, tokenizer, seed: int) -> list[dict]:
-    """Collated vlpt batches: MLM masking by the objective itself, exactly half ITM negatives."""
-    from vlpt.data.collate import Collator
-    from vlpt.data.masking import IGNORE
+def _build_batches(samples: list[dict], batch_size: int, model, tokenizer, seed: int) -> list[dict]:
+    """Collated vlpt batches, as a training stream makes them (vlpt.testing.prepare_batch): the task's
+    own MLM masking and ITM negatives (p = 0.5, drawn from the batch's samples)."""
+    from vlpt.testing import prepare_batch
 
-    rng = np.random.default_rng(seed + 1)
-    collate = Collator(tokenizer.pad_id, {"mlm_labels": IGNORE})
-    batches = []
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
-        B = len(chunk)
-        negatives = set(rng.permutation(B)[: B // 2].tolist())
-        views = []
-        for i, s in enumerate(chunk):
-            v = mlm.prepare({"input_ids": s["input_ids"]}, rng)  # its own options (prob, 80/10/10)
-            negative = i in negatives and B > 1
-            img = chunk[(i + 1 + int(rng.integers(B - 1))) % B] if negative else s  # never its own image
-            v.update(features=img["features"], boxes=img["boxes"], itm_label=0 if negative else 1)
-            views.append(v)
-        batches.append(collate(views))
-    return batches
+    task = model.tasks[TASK]
+    keyed = [{**s, "key": f"s{i}"} for i, s in enumerate(samples)]
+    return [prepare_batch(model, task, keyed[j: j + batch_size], seed=seed + 1 + j, pad_id=tokenizer.pad_id)
+            for j in range(0, len(keyed), batch_size)]
 
 
 def _visualbert_batch(b: dict) -> dict:
@@ -398,7 +399,8 @@ def _visualbert_loss(model, batch):
 
 
 def run(args) -> int:
-    from vlpt.recipe import load_recipe, resolve_tasks
+    from vlpt.recipe import load_recipe
+    from vlpt.tasks import resolve_tasks
     from vlpt.model import VLModel
     from vlpt.tasks import PretrainModel
     from vlpt.train.optim import build_optimizer
@@ -424,7 +426,7 @@ def run(args) -> int:
     n_batches = min(DISTINCT_BATCHES, args.warmup + args.steps)
     samples, data_desc = _clean_samples(recipe, tokenizer, mcfg, n_batches * args.batch_size, seed,
                                         args.text_len, args.regions)
-    batches = _build_batches(samples, args.batch_size, vlpt_model.objectives["mlm"], tokenizer, seed)
+    batches = _build_batches(samples, args.batch_size, vlpt_model, tokenizer, seed)
     hf_batches = []
     for b in batches:
         b["_samples"] = int(b["input_ids"].shape[0])
@@ -476,7 +478,7 @@ def run(args) -> int:
     print(f"batches: {args.batch_size} samples, text {int(text_lens.min())}-{int(text_lens.max())} tokens "
           f"(mean {float(text_lens.mean()):.1f}, padded to {min(padded_T)}-{max(padded_T)}), "
           f"regions {int(regions.min())}-{int(regions.max())} (mean {float(regions.mean()):.2f}), "
-          f"{100 * masked / text_tokens:.1f}% of text tokens MLM-labelled, half ITM negatives; "
+          f"{100 * masked / text_tokens:.1f}% of text tokens MLM-labelled, about half ITM negatives; "
           f"{len(batches)} distinct batches cycled")
     t = recipe.train
     print(f"steps: {args.steps} timed after {args.warmup} warm-up, models alternating; AdamW lr {t.lr:g} "
@@ -516,14 +518,20 @@ def run(args) -> int:
     return 0
 
 
+#: defaults that differ between the two comparisons: VisualBERT (a recipe's sizes), UNITER (--uniter)
+MODE_DEFAULTS = {"visualbert": {"batch_size": 64, "text_len": (10, 20), "regions": (1, 3)},
+                 "uniter": {"batch_size": 32, "text_len": (24, 24), "regions": (36, 36), "vocab_size": 30522,
+                            "seed": 0}}
+
+
 def main(argv=None) -> int:
     ap = tool_parser("bench", __doc__)
-    ap.add_argument("recipe", help="recipe YAML (model sizes, optimizer settings, data)")
+    ap.add_argument("recipe", nargs="?", help="recipe YAML (model sizes, optimizer settings, data); not with --uniter")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. model.layers=6")
     ap.add_argument("--vocab-size", type=_positive, default=None,
                     help="vocabulary of both models (default: model.vocab_size, else the tokenizer's); "
                          "30522 is BERT's")
-    ap.add_argument("--batch-size", type=_positive, default=64, help="samples per batch (default: 64)")
+    ap.add_argument("--batch-size", type=_positive, default=None, help="samples per batch (default: 64; --uniter: 32)")
     ap.add_argument("--steps", type=_positive, default=20, help="timed steps per model (default: 20)")
     ap.add_argument("--warmup", type=_non_negative, default=3,
                     help="untimed steps per model first (default: 3)")
@@ -531,15 +539,40 @@ def main(argv=None) -> int:
                     help="torch threads (default: the cores available)")
     ap.add_argument("--precision", choices=("no", "bf16"), default="no",
                     help="'bf16': CPU autocast to bfloat16 for both (default: no)")
-    ap.add_argument("--text-len", type=_range, default=(10, 20), metavar="MIN-MAX",
-                    help="caption tokens incl. [CLS]/[SEP] for non-shapes recipes (default: 10-20)")
-    ap.add_argument("--regions", type=_range, default=(1, 3), metavar="MIN-MAX",
-                    help="regions per sample for non-shapes recipes (default: 1-3)")
+    ap.add_argument("--text-len", type=_range, default=None, metavar="MIN-MAX",
+                    help="caption tokens incl. [CLS]/[SEP] for non-shapes recipes (default: 10-20; --uniter: 24)")
+    ap.add_argument("--regions", type=_range, default=None, metavar="MIN-MAX",
+                    help="regions per sample for non-shapes recipes (default: 1-3; --uniter: 36)")
+    u = ap.add_argument_group("against UNITER's code (--uniter; no recipe)")
+    u.add_argument("--uniter", metavar="DIR", default=None,
+                   help="compare with UNITER's code in this checkout instead of VisualBERT")
+    u.add_argument("--uniter-optimizer", choices=("uniter", "torch"), default="uniter",
+                   help="UNITER's own AdamW (default) or PyTorch's AdamW on its parameter groups")
+    for flag, default, what in (("--hidden", 256, "hidden size"), ("--layers", 4, "layers"),
+                                ("--heads", 4, "attention heads"), ("--feature-dim", 2048, "region feature size"),
+                                ("--distinct", 4, "distinct batches per task")):
+        u.add_argument(flag, type=_positive, default=default, help=f"{what} (default: {default})")
+    u.add_argument("--compile", action="store_true",
+                   help="also time vlpt with train.compile (torch.compile of the trunk's layers)")
     ap.add_argument("--seed", type=int, default=None,
                     help="seed for weights and data (default: the recipe's)")
     ap.add_argument("--json", action="store_true", help="also print one JSON line with the figures")
     args = ap.parse_intermixed_args(argv)  # overrides may come after the options
+    mode = "uniter" if args.uniter else "visualbert"
+    for key, value in MODE_DEFAULTS[mode].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.uniter and (args.recipe or args.overrides):
+        ap.error("--uniter takes no recipe (its sizes come from --hidden, --layers, ...)")
+    if not args.uniter and not args.recipe:
+        ap.error("the following arguments are required: recipe")
+    if args.uniter and args.hidden % args.heads:
+        ap.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
     try:
+        if args.uniter:
+            import bench_uniter  # beside this file
+
+            return bench_uniter.run(args)
         return run(args)
     except UserError as e:
         print(f"bench: error: {e}", file=sys.stderr)

@@ -5,8 +5,10 @@
 #   bash tools/bench_gpu.sh [OUT_DIR] [STEPS] [KEY=VALUE ...]   (extra recipe overrides)
 #
 # Uses the real pipeline (shards -> workers -> token-budget batches) and the released
-# recipe (10240 tokens per micro-batch, 4 tasks sampled 6:8:4:4, WRA on ITM batches),
-# without accumulation so every logged step is one optimizer update.
+# recipe (61440 tokens per micro-batch, 4 tasks sampled 6:8:4:4, WRA on ITM batches),
+# without accumulation so every logged step is one optimizer update. The step-only part runs the
+# trainer's step: real-token counts read on the CPU, fused AdamW taking the clip and the
+# non-finite skip on the device (no host sync), the trunk unpadded.
 set -euo pipefail
 OUT_DIR=${1:-/tmp/vlpt-gpu-check}
 STEPS=${2:-120}
@@ -30,7 +32,9 @@ from vlpt.data.sources import resolve_sources
 from vlpt.data.collate import move_to
 from vlpt.train.flops import device_peak_flops, train_step_flops
 from vlpt.train.mixing import TaskMixer
-from vlpt.train.optim import build_optimizer
+from vlpt.train.optim import build_optimizer, clipped_step
+from vlpt.model.packing import real_count_known
+from vlpt.train.logbook import batch_stats
 r = load_recipe("recipes/uniter-base.yaml", sys.argv[1:])
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 built = build_model(r)
@@ -39,20 +43,22 @@ streams = task_streams(built, sources)
 batches = {}
 for name, s in streams.items():
     it = iter(s)
-    batches[name] = [move_to({k: v for k, v in next(it).items() if not k.startswith("data_")}, dev) for _ in range(6)]
+    cpu = [{k: v for k, v in next(it).items() if not k.startswith("data_")} for _ in range(6)]
+    batches[name] = [(move_to(b, dev), batch_stats(b)[1]) for b in cpu]  # real tokens counted on the CPU
 model = built.model.to(dev).train()
 opt = build_optimizer(model, r.train)
+params = list(model.parameters())
 mixer = TaskMixer(list(r.tasks), [t.weight for t in r.tasks.values()], "sample", 0)
 def step(i):
     task = mixer.tasks_for(i)[0]
-    b = batches[task][i % 6]
-    with torch.autocast(dev.type, dtype=torch.bfloat16):
+    b, real = batches[task][i % 6]
+    with torch.autocast(dev.type, dtype=torch.bfloat16), real_count_known(b, real):
         loss, _ = model(task, b)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-    opt.step(); opt.zero_grad(set_to_none=True)
+    clipped_step(opt, params, r.train.clip)
+    opt.zero_grad(set_to_none=True)
     n = b["input_ids"].shape[0]; L = b["input_ids"].shape[1] + b["features"].shape[1]
-    return n, train_step_flops(model.vl.config, n, L)
+    return n, train_step_flops(model.vl.config, n, L, tokens=real)
 for i in range(10 if dev.type == "cuda" else 1): step(i)
 sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 sync(); dev.type == "cuda" and torch.cuda.reset_peak_memory_stats()

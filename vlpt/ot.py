@@ -111,6 +111,7 @@ def ipot_plan(
     beta: float = 0.5,
     iterations: int = 50,
     inner_steps: int = 1,
+    max_spread: float | None = None,
 ) -> Tensor:
     """IPOT transport plans for a padded batch of OT problems (no gradient).
 
@@ -144,7 +145,9 @@ def ipot_plan(
     enough that ``K`` cannot underflow in between (the period depends on the
     cost spread and ``beta``, read once with a host sync).  Same algorithm,
     same result to float32 rounding (checked against the literal recursion in
-    the tests), 2-4x faster than the literal form on CPU.
+    the tests), 2-4x faster than the literal form on CPU.  A caller that knows
+    a bound on that spread (``max_spread``: cosine costs lie in ``[0, 2]``)
+    spares the host sync; the period is then set from the bound.
 
     Args:
         cost: ``(B, N, M)`` cost, any float dtype (computed in float32); must
@@ -158,6 +161,8 @@ def ipot_plan(
         iterations: outer proximal iterations (UNITER: 50); 0 returns ``T^0``
             (ones on the real block).
         inner_steps: inner scaling steps ``k`` per iteration (UNITER: 1).
+        max_spread: an upper bound on each row's cost range over its real
+            columns, if known (no device read then); None: measured.
 
     Returns:
         ``(B, N, M)`` float32 plan, exactly zero on padded rows/columns and
@@ -203,7 +208,7 @@ def ipot_plan(
         # in between, K is multiplied by at most `period` factors of A, each
         # >= exp(-spread / beta) on the real block, and we keep that product
         # >= exp(-_LOG_DECAY).  (One host sync, to read the spread.)
-        spread = float((D * joint).amax())
+        spread = float((D * joint).amax()) if max_spread is None else float(max_spread)
         period = _MAX_PERIOD if spread == 0.0 else int(min(_MAX_PERIOD, max(1.0, _LOG_DECAY * beta / spread)))
         A = D.mul_(-1.0 / beta).exp_()  # (B, N, M) in [0, 1]; each row's max is 1
 

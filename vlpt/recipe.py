@@ -121,6 +121,8 @@ class TrainConfig:
     precision: Literal["no", "bf16", "fp16"] = "no"
     threads: Optional[int] = None  # torch CPU threads; None: torch's default
     max_bad_steps: int = 10  # non-finite loss or gradients: the update is skipped; stop after this many in a row
+    unpad: bool = True  # the trunk runs on real tokens only (false: on the padded batch)
+    compile: bool = False  # torch.compile the trunk's layers (same results; compiling takes a while at the start)
 
 
 @dataclass
@@ -144,6 +146,7 @@ class LogConfig:
 class CheckpointConfig:
     every: Optional[int] = None  # save every N steps (and at the end)
     keep: int = 3  # newest checkpoints kept
+    keep_every: Optional[int] = None  # also keep every checkpoint whose step is a multiple of this (milestones)
     at_end: bool = True
 
 

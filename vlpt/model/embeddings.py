@@ -12,7 +12,10 @@ region (the data side has already zeroed that region's feature).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from .dropout import Dropout
 
 LN_EPS = 1e-12
 
@@ -24,7 +27,7 @@ class TextEmbedder(nn.Module):
         self.position_embeddings = nn.Embedding(max_positions, hidden)
         self.token_type_embeddings = nn.Embedding(type_vocab, hidden)
         self.norm = nn.LayerNorm(hidden, eps=LN_EPS)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, H)
         T = input_ids.shape[1]
@@ -43,6 +46,10 @@ def box_features(boxes: torch.Tensor) -> torch.Tensor:
 
 
 class RegionEmbedder(nn.Module):
+    #: weight decay on these too, as UNITER (its no-decay rule is by name: 'bias', 'LayerNorm.weight';
+    #: its img_layer_norm, pos_layer_norm and mask_embedding are not named so). See vlpt.train.optim.
+    decay_also = ("feature_norm.weight", "box_norm.weight", "mask_vector")
+
     def __init__(self, feature_dim: int, hidden: int, dropout: float = 0.1):
         super().__init__()
         self.feature_proj = nn.Linear(feature_dim, hidden)  # W_f; MRFR may tie its output layer to it
@@ -51,7 +58,7 @@ class RegionEmbedder(nn.Module):
         self.box_norm = nn.LayerNorm(hidden, eps=LN_EPS)
         self.mask_vector = nn.Parameter(torch.zeros(feature_dim))  # m, added at masked regions only
         self.norm = nn.LayerNorm(hidden, eps=LN_EPS)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(
         self,
@@ -60,8 +67,10 @@ class RegionEmbedder(nn.Module):
         type_embedding: torch.Tensor,  # (H,) the text embedder's type-1 row, shared as in UNITER
         masked: torch.Tensor | None = None,  # (B, K) bool, regions masked by MRM
     ) -> torch.Tensor:  # (B, K, H)
-        if masked is not None:
-            features = features + masked[..., None].to(features.dtype) * self.mask_vector
-        f = self.feature_norm(self.feature_proj(features))
+        f = self.feature_proj(features)  # (B, K, H)
+        if masked is not None:  # W_f (f + m·masked) = W_f f + (W_f m)·masked: the D-dim sum never materialized,
+            # so backward needs no gradient for the (B, K, D) input, only W_f m's
+            f = f + masked[..., None].to(f.dtype) * F.linear(self.mask_vector.to(f.dtype), self.feature_proj.weight)
+        f = self.feature_norm(f)
         b = self.box_norm(self.box_proj(box_features(boxes.to(f.dtype))))
         return self.dropout(self.norm(f + b + type_embedding))

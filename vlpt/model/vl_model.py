@@ -4,7 +4,9 @@ The sequence of a sample is ``[CLS] w1..wT [SEP] r1..rK``. A batch is laid out a
 its padded text block followed by its padded region block, ``(B, T + K)``, with
 a key mask so padding is never attended to; with full bidirectional attention
 and no region position ids this is exactly UNITER's packed sequence, and heads
-can find text and region positions by slicing.
+can find text and region positions by slicing. With ``unpad`` (the default) the
+trunk runs on the real tokens only (see ``packing``); heads see the same padded
+``(B, T + K, H)`` states either way (zeros at padding when unpadded).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from ..objective import EncoderOutput
 from ..recipe import ModelConfig
 from .backbone import GridBackbone
 from .embeddings import RegionEmbedder, TextEmbedder
+from .packing import Layout, noted_count
 from .trunk import Pooler, Trunk
 
 
@@ -52,6 +55,10 @@ class VLModel(nn.Module):
         self.region_embedder = RegionEmbedder(feature_dim, H, config.dropout)
         self.trunk = Trunk(H, config.layers, config.heads, config.ffn_size, config.dropout)
         self.pooler = Pooler(H)
+        #: run the trunk on real tokens only (False: on the padded batch, as before)
+        self.unpad = True
+        #: run the last layer only where heads read (see TrunkOutput; False: everywhere, as before)
+        self.partial_last_layer = True
         init_weights(self.text_embedder)
         init_weights(self.region_embedder)
         nn.init.normal_(self.region_embedder.mask_vector, std=0.02)
@@ -87,11 +94,14 @@ class VLModel(nn.Module):
         input_ids = batch.get("input_ids")  # (B, T)
         feats, boxes, region_mask = self.regions_from_batch(batch)  # (B, K, D), (B, K, 4), (B, K)
         parts, masks = [], []
+        text_mask = batch.get("text_mask") if input_ids is not None else None
         if input_ids is not None:
             parts.append(self.text_embedder(input_ids))  # (B, T, H)
-            masks.append(batch["text_mask"])
+            masks.append(text_mask)
         T = input_ids.shape[1] if input_ids is not None else 0
-        if feats is not None and feats.shape[1] > 0:
+        if feats is None or feats.shape[1] == 0:
+            region_mask = None
+        else:
             type_1 = self.text_embedder.token_type_embeddings.weight[1]
             parts.append(self.region_embedder(feats, boxes, type_1, batch.get("region_masked")))  # (B, K, H)
             masks.append(region_mask)
@@ -99,5 +109,54 @@ class VLModel(nn.Module):
             raise ValueError("batch has neither text nor regions")
         x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (B, T + K, H)
         key_mask = torch.cat(masks, dim=1) if len(masks) > 1 else masks[0]  # (B, T + K)
-        hidden = self.trunk(x, key_mask)
-        return EncoderOutput(hidden=hidden, pooled=self.pooler(hidden), text_len=T, model=self)
+        count = noted_count(text_mask, region_mask)
+        if count is None:
+            count = int(key_mask.sum())  # reads the device (a sync on a GPU): only for un-noted batches
+        padded = count < key_mask.numel()
+        layout = Layout.of(key_mask, count) if self.unpad and padded else None
+        out = TrunkOutput(self, *self.trunk.penultimate(x, key_mask, layout, padded=padded), layout, key_mask.shape, T)
+        if not self.partial_last_layer:
+            out.hidden  # noqa: B018  (the whole last layer now, as before)
+        return out
+
+
+class TrunkOutput(EncoderOutput):
+    """An :class:`EncoderOutput` whose last trunk layer runs when it is first read: on every position
+    for ``hidden`` (and ``text``, ``regions``), on the ``[CLS]`` positions alone for ``pooled``, on
+    the asked positions alone for :meth:`rows`. A head reading a few positions (ITM, VQA: ``[CLS]``;
+    MLM, MRFR: the masked ones) spares the trunk nearly all of its last layer; the states are the
+    same (up to rounding) whichever way they are computed."""
+
+    def __init__(self, model: VLModel, x: torch.Tensor, attn_mask, layout: Layout | None,
+                 shape: tuple[int, int], text_len: int):
+        self.model, self.text_len, self.shared = model, text_len, {}
+        self._x, self._attn_mask, self._layout, self._shape = x, attn_mask, layout, tuple(shape)
+        self._hidden = self._pooled = self._kv = None  # _kv: the last layer's keys and values, once computed
+
+    @property
+    def hidden(self) -> torch.Tensor:  # (B, T + K, H)
+        if self._hidden is None:
+            trunk = self.model.trunk
+            h = trunk.run_layer(trunk.layers[-1], self._x, self._attn_mask, self._layout, self._kv)
+            self._hidden = self._layout.pad(h) if self._layout is not None else h
+        return self._hidden
+
+    @property
+    def pooled(self) -> torch.Tensor:  # (B, H)
+        if self._pooled is None:
+            cls = self._hidden[:, 0] if self._hidden is not None else self.rows([[0]] * self._shape[0])
+            self._pooled = self.model.pooler.of_cls(cls)
+        return self._pooled
+
+    def rows(self, positions: list, offset: int = 0) -> torch.Tensor:
+        """Final states (n, H) at per-sample ``positions`` (host lists) of the block starting at
+        column ``offset`` (text: 0, regions: ``text_len``), sample-major."""
+        if self._hidden is not None:
+            B, L = self._shape
+            at = torch.tensor([b * L + offset + int(p) for b, ps in enumerate(positions) for p in ps], dtype=torch.long)
+            return self._hidden.reshape(B * L, -1).index_select(0, at.to(self._hidden.device, non_blocking=True))
+        layer = self.model.trunk.layers[-1]
+        if self._kv is None:
+            self._kv = layer.keys_values(self._x, self._layout)  # (B, L, 2H), shared by every later read
+        return layer.rows(self._x, self._attn_mask, self._layout, self._shape,
+                          [[offset + int(p) for p in ps] for ps in positions], self._kv)

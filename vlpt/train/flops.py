@@ -1,7 +1,8 @@
 """Model FLOPs and the device's peak, for MFU (model FLOPs utilization).
 
 MFU counts the FLOPs the model *needs* (matrix products of the trunk on the
-padded batch, forward + backward = 3× forward), not what the hardware ran, and
+tokens its dense layers run on: the real ones when the trunk is unpadded, else
+the padded batch; forward + backward = 3× forward), not what the hardware ran, and
 divides by the device's dense peak: a table of vendor figures for common GPUs,
 or a measured matrix product on CPU.
 """
@@ -32,16 +33,17 @@ GPU_PEAK_TFLOPS = {
 }
 
 
-def trunk_forward_flops(hidden: int, layers: int, ffn: int, batch: int, seq: int) -> float:
-    """Matrix-product FLOPs of one forward pass of the trunk on a (batch, seq) input."""
+def trunk_forward_flops(hidden: int, layers: int, ffn: int, batch: int, seq: int, tokens: int | None = None) -> float:
+    """Matrix-product FLOPs of one forward pass of the trunk on a (batch, seq) input whose dense
+    layers run on ``tokens`` rows (default ``batch * seq``; the real tokens when unpadded)."""
     per_token_dense = 2 * layers * (4 * hidden * hidden + 2 * hidden * ffn)  # QKV + out, FFN in + out
-    attention = 2 * 2 * layers * seq * seq * hidden  # QKᵀ and AV, per sequence
-    return batch * seq * per_token_dense + batch * attention
+    attention = 2 * 2 * layers * seq * seq * hidden  # QKᵀ and AV, per (padded) sequence
+    return (batch * seq if tokens is None else tokens) * per_token_dense + batch * attention
 
 
-def train_step_flops(config, batch: int, seq: int) -> float:
+def train_step_flops(config, batch: int, seq: int, tokens: int | None = None) -> float:
     """Forward + backward ≈ 3× forward."""
-    return 3.0 * trunk_forward_flops(config.hidden_size, config.layers, config.ffn_size, batch, seq)
+    return 3.0 * trunk_forward_flops(config.hidden_size, config.layers, config.ffn_size, batch, seq, tokens)
 
 
 _cpu_peak: float | None = None

@@ -1,4 +1,16 @@
-"""AdamW with UNITER's parameter groups, and warmup-then-decay schedules."""
+"""AdamW with UNITER's parameter groups, and warmup-then-decay schedules.
+
+UNITER's no-decay rule is by parameter name: anything named ``bias``, ``LayerNorm.bias`` or
+``LayerNorm.weight``. vlpt's rule is by kind (biases, LayerNorm weights and other 1-d parameters
+take no decay), and the modules whose parameters UNITER names otherwise list them in
+``decay_also``: the region embedder's feature and box LayerNorms and its mask vector, the MRFR and
+MRC heads' LayerNorm. So vlpt decays exactly what UNITER decays.
+
+The optimizer is PyTorch's fused AdamW where the device has the kernel (CPU and CUDA in torch 2.x):
+one kernel over all parameters instead of a dozen element-wise passes, and it can skip a
+non-finite update on the device (``found_inf``) and take the gradient clipping factor as its
+``grad_scale``, so the training step never reads the device (see ``Trainer.train_step``).
+"""
 from __future__ import annotations
 
 import math
@@ -9,24 +21,72 @@ from torch import nn
 from ..recipe import TrainConfig
 
 
+def decayed_anyway(model: nn.Module) -> set[int]:
+    """Ids of the parameters that modules list in ``decay_also`` (names relative to the module)."""
+    out: set[int] = set()
+    for module in model.modules():
+        for name in getattr(module, "decay_also", ()):
+            out.add(id(module.get_parameter(name)))
+    return out
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weights; none on biases and LayerNorm weights (BERT / UNITER)."""
+    """Weight decay on weights; none on biases and LayerNorm weights (BERT / UNITER), except the
+    parameters UNITER decays all the same (``decay_also``)."""
     decay, no_decay = [], []
     norm_params = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+    also = decayed_anyway(model)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.endswith("bias") or id(p) in norm_params or p.ndim < 2:
+        if id(p) not in also and (name.endswith("bias") or id(p) in norm_params or p.ndim < 2):
             no_decay.append(p)
         else:
             decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps
-    )
+def fused_supported(model: nn.Module, device: torch.device | None = None) -> bool:
+    """Whether PyTorch's fused AdamW serves every parameter of ``model`` (floating point) on
+    ``device`` (default: where the parameters are now)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    kinds = set(_get_fused_kernels_supported_devices())
+    return all(p.is_floating_point() and (device or p.device).type in kinds for p in model.parameters())
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool | None = None) -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups`; ``fused``: None picks the fused kernel where supported
+    (False: PyTorch's default implementation)."""
+    if fused is None:
+        fused = fused_supported(model)
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+                             eps=cfg.eps, fused=fused or None)
+
+
+def clipped_step(optimizer: torch.optim.Optimizer, parameters, clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fused AdamW update with gradient-norm clipping, all on the device: returns the norm of
+    the gradients (before clipping) and a 0-d flag, 1.0 where it was not finite and the update was
+    skipped (weights, Adam moments and step counts as they were).
+
+    ``clip_grad_norm_`` multiplies every gradient by ``min(1, clip / (norm + 1e-6))``; here that
+    factor's inverse is the kernel's ``grad_scale`` (it divides the gradients as it reads them), so
+    no extra pass over the gradients, and ``found_inf`` makes the kernel skip a non-finite update.
+    ``optimizer`` is the fused AdamW itself or a wrapper holding it as ``.optimizer`` (accelerate's),
+    whose ``step`` then runs."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if not inner.defaults.get("fused"):
+        raise ValueError("clipped_step needs a fused AdamW (build_optimizer(..., fused=True))")
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)  # () on the device
+    found_inf = (~torch.isfinite(norm)).to(torch.float32)
+    inner.grad_scale = ((norm.float() + 1e-6) / clip).clamp_min(1.0) if clip else None
+    inner.found_inf = found_inf
+    try:
+        optimizer.step()
+    finally:
+        inner.grad_scale = inner.found_inf = None
+    return norm, found_inf
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
