@@ -121,9 +121,11 @@ def test_two_sources_mixed_three_to_one(tmp_path):
 
 def _first_keys(stream, n):
     """Keys of the first ``n`` clean samples the stream's source stage gives this reader."""
-    slot, slots = stream._slot()
-    it = stream._source_samples(0, stream.sources[0], slot, slots)
-    return [next(it)["key"] for _ in range(n)]
+    from vlpt.data.stream import StreamRun
+
+    run = StreamRun(stream, *stream._slot(), stream._worker()[0], None)
+    it = run.readers[0].samples()
+    return [next(it)[1]["key"] for _ in range(n)]
 
 
 def test_epochs_split_shards_and_resampling_draws_them_per_reader(built, tmp_path):
@@ -155,3 +157,45 @@ def test_epochs_split_shards_and_resampling_draws_them_per_reader(built, tmp_pat
     assert per_epoch[True] != per_epoch[False]  # resampling draws another order than the epochs
     auto = task_streams(b, [shards], rank=0, world_size=2)["mlm"]
     assert auto._resampling(shards, 2) and not auto._resampling(Source(sources[0].urls[:1]), 2)
+
+
+def test_sum_mode_tasks_share_one_stream_that_decodes_each_sample_once(tmp_path, monkeypatch):
+    from test_positions import count_decodes
+
+    recipe = load_recipe(tiny_recipe(tmp_path, mixing="sum"))
+    sources, _ = resolve_sources(recipe, progress=False)
+    b = build_model(recipe)
+    assert task_streams(b, sources)["mlm"] is not task_streams(b, sources)["itm"]  # mixing: sample
+    streams = task_streams(b, sources, share=True)
+    assert streams["mlm"] is streams["itm"]
+    decoded = count_decodes(monkeypatch)
+    it = iter(streams["mlm"])
+    items = [next(it) for _ in range(5)]
+    for item in items:  # every task's batch of the same samples, prepared by its own objectives
+        mlm, itm = item["parts"]["mlm"], item["parts"]["itm"]
+        assert mlm["key"] == itm["key"] and "mlm_labels" in mlm and "itm_label" in itm
+        assert "itm_label" not in mlm and "mlm_labels" not in itm
+    trained = sum(len(item["parts"]["mlm"]["key"]) for item in items)
+    assert set(decoded.values()) == {1}  # once for both tasks
+    assert sum(decoded.values()) <= trained + recipe.data.shuffle_buffer + 1
+
+
+def test_half_floats_travel_half_and_are_widened_on_the_device(built, monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    import vlpt.data.collate as collate_module
+    from vlpt.data.collate import move_to
+
+    b, sources = built
+    batch = next(iter(task_streams(b, sources)["mlm"]))
+    assert batch["features"].dtype == torch.float16  # the shapes data stores half floats
+    moved = move_to(batch, torch.device("cpu"))
+    assert moved["features"].dtype == torch.float32 and torch.equal(moved["features"], batch["features"].float())
+    assert not batch["features"].is_shared()
+    # inside a data-loader worker the batch is collated straight into shared memory (no copy to hand it over)
+    monkeypatch.setattr(collate_module, "get_worker_info", lambda: SimpleNamespace(id=0, num_workers=1))
+    in_worker = next(iter(task_streams(b, sources)["mlm"]))
+    assert in_worker["features"].is_shared() and in_worker["input_ids"].is_shared()
+    assert torch.equal(in_worker["features"], batch["features"])

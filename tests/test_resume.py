@@ -131,6 +131,24 @@ def test_truncated_latest_checkpoint_falls_back_with_a_warning(uninterrupted, tm
     assert "resuming from" in res.stderr and "step-0000010" in res.stderr
 
 
+def test_sum_mode_shared_stream_resumes_bitwise_after_sigkill(tmp_path):
+    # mixing: sum: both tasks share one stream (each item holds both tasks' batches), two updates of
+    # gradient accumulation each: the data cursor must count items, not batches per task
+    sections = dict(mixing="sum", data={"num_workers": 1}, train={"accumulate": 2})
+    recipe_a, out_a = _recipe(tmp_path, "a", **sections)
+    res = subprocess.run(_cmd(recipe_a), capture_output=True, text=True, env=_env(), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    recipe_b, out_b = _recipe(tmp_path, "b", **sections)
+    rc, err = _run_until(_cmd(recipe_b), out_b, 7, signal.SIGKILL)
+    assert rc == -signal.SIGKILL, err[-2000:]
+    res = subprocess.run(_cmd(recipe_b), capture_output=True, text=True, env=_env(), timeout=300)
+    assert res.returncode == 0 and "step-0000005" in res.stderr, res.stderr[-3000:]
+    _assert_same_weights(_final_weights(out_a), _final_weights(out_b))
+    assert _losses(out_a) == _losses(out_b)
+    data = torch.load(out_a / "checkpoints" / f"step-{STEPS:07d}" / "rank-00000.pt", weights_only=True)["data"]
+    assert list(data["loaders"]) == ["mlm+itm"] and data["loaders"]["mlm+itm"]["taken"] == 2 * STEPS
+
+
 def test_non_finite_losses_skip_updates_then_stop(tmp_path):
     # the loss is NaN at step 3 alone, finite at steps 4-6, then NaN from step 7 on (max_bad_steps 3)
     plugin = tmp_path / "nan_at.py"

@@ -4,8 +4,8 @@ Every (rank, data-loader worker) slot of a :class:`vlpt.data.stream.TaskStream` 
 part of each epoch. Over one epoch all slots together must read every sample exactly once,
 whether the stream splits by shard (at least as many shards as slots) or by sample index
 (fewer shards than slots). Workers are simulated by replacing ``get_worker_info``, so no
-DataLoader runs; each sample's key is tagged with the pass (epoch) it was read in, so the
-epochs of an endless stream can be told apart.
+DataLoader runs; each view carries its key tagged with the pass (epoch) it was read in (the
+stream's ``epoch`` field), so the epochs of an endless stream can be told apart.
 """
 from collections import Counter
 from types import SimpleNamespace
@@ -44,29 +44,19 @@ def _shards(folder, sizes) -> tuple[list[str], list[str]]:
 
 
 @pytest.fixture
-def tagged_passes(monkeypatch):
-    """Tag each raw sample's key with the pass of the stream that read it: ``key@pass``."""
-    current = {"pass": -1}
-    shard_orders, read_tar_samples = TaskStream._shard_orders, stream_module.read_tar_samples
-
-    def orders(self, *args, **kwargs):
-        for e, order in enumerate(shard_orders(self, *args, **kwargs)):
-            current["pass"] = e
-            yield order
-
-    def read(url, on_error):
-        for raw in read_tar_samples(url, on_error):
-            yield {**raw, "__key__": f"{raw['__key__']}@{current['pass']}"}
-
-    monkeypatch.setattr(TaskStream, "_shard_orders", orders)
-    monkeypatch.setattr(stream_module, "read_tar_samples", read)
+def threads_restored():
     threads = torch.get_num_threads()  # a stream in a "worker" sets one thread for the process
     yield
     torch.set_num_threads(threads)
 
 
+def _tag_pass(sample, rng, pool):
+    """The view of a sample: its key tagged with the pass (epoch) its reader read it in."""
+    return {**sample, "seen": f"{sample['key']}@{sample['epoch']}"}
+
+
 def _stream(urls, rank) -> TaskStream:
-    return TaskStream([Source(urls)], WordTokenizer(), DecodeSettings(feature_dim=None), lambda s, rng, pool: s,
+    return TaskStream([Source(urls)], WordTokenizer(), DecodeSettings(feature_dim=None), _tag_pass,
                       {"text"}, Collator(0), batch_tokens=None, batch_size=1, shuffle_buffer=1, pool_size=0,
                       seed=3, rank=rank, world_size=RANKS, resample=False)
 
@@ -77,7 +67,7 @@ def _keys_per_pass(stream, monkeypatch, worker, passes=2) -> list[list[str]]:
     out: list[list[str]] = [[] for _ in range(passes)]
     it = iter(stream)
     for batch in it:
-        key, e = batch["key"][0].rsplit("@", 1)
+        key, e = batch["seen"][0].rsplit("@", 1)
         if int(e) > passes:  # the shuffle buffer may hold back a sample or two: wait one more pass
             break
         if int(e) < passes:
@@ -100,7 +90,7 @@ def _assert_each_pass_reads_every_sample_once(reads, keys):
         assert all(slot[e] for slot in reads.values()), "a slot read nothing"
 
 
-def test_slots_split_shards_disjointly_and_completely(tmp_path, tagged_passes, monkeypatch):
+def test_slots_split_shards_disjointly_and_completely(tmp_path, threads_restored, monkeypatch):
     urls, keys = _shards(tmp_path, [3, 7, 4, 10, 5, 6, 8, 2])  # 8 shards >= 6 slots: split by shard
     reads = _reads_by_slot(urls, monkeypatch)
     _assert_each_pass_reads_every_sample_once(reads, keys)
@@ -111,7 +101,7 @@ def test_slots_split_shards_disjointly_and_completely(tmp_path, tagged_passes, m
     assert any(slot[0] != slot[1] for slot in reads.values()), "shards are reshuffled every epoch"
 
 
-def test_slots_split_samples_disjointly_and_completely_when_shards_are_few(tmp_path, tagged_passes, monkeypatch):
+def test_slots_split_samples_disjointly_and_completely_when_shards_are_few(tmp_path, threads_restored, monkeypatch):
     urls, keys = _shards(tmp_path, [7, 9, 11])  # 3 shards < 6 slots: split by sample index
     reads = _reads_by_slot(urls, monkeypatch)
     _assert_each_pass_reads_every_sample_once(reads, keys)

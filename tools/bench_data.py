@@ -4,10 +4,11 @@
 What is measured
 ----------------
 * **data pipeline**: the recipe's task data loaders built exactly as ``vlpt train``
-  builds them (``vlpt.build.task_streams`` + ``data_loader``: shard reading, safe
-  decoding, tokenization, shuffle buffer, each task's ``prepare``, batching,
-  collation), read in the trainer's order (``TaskMixer``: one task per update for
-  ``mixing: sample``, every task for ``sum``), with 0, 1 and 2 workers per task
+  builds them (``vlpt.train.data_feed.DataFeed``: shard reading, safe decoding,
+  tokenization, shuffle buffer, batching, each task's ``prepare``, collation; under
+  ``mixing: sum`` one stream shared by the tasks that read the same samples), read in
+  the trainer's order (``TaskMixer``: one task per update for ``mixing: sample``,
+  every task for ``sum``), with 0, 1 and 2 workers per task
   (``--workers``; the trainer runs ``data.num_workers`` per task, so ``2`` with two
   tasks is four processes). Nothing else runs meanwhile. Worker start-up, the shuffle
   buffer's first fill and the prefetch queue are excluded: each task first delivers
@@ -47,6 +48,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from vlpt.build import stop_workers  # noqa: E402
 from vlpt.errors import RecipeError, run_command, tool_parser  # noqa: E402
 
 PROG = "bench_data"
@@ -138,19 +140,25 @@ def _size(batch: dict) -> int:
     return 0
 
 
-def measure_pipeline(built, sources, feeding, mixer, workers: int, seconds: float, min_batches: int) -> dict:
-    from vlpt.build import data_loader, task_streams
+def _feed(built, sources, feeding, workers: int):
+    """The trainer's data side for one rank (pinned memory when a GPU would train)."""
+    from vlpt.train.data_feed import DataFeed
 
-    streams = task_streams(built, sources, 0, 1, feeding)
-    loaders = {name: data_loader(s, workers, seed=built.recipe.seed) for name, s in streams.items()}
-    iters = {name: iter(dl) for name, dl in loaders.items()}
+    r = built.recipe
+    return DataFeed(built, sources, feeding, 0, 1, workers, r.seed, share=r.mixing == "sum",
+                    pin_memory=torch.cuda.is_available())
+
+
+def measure_pipeline(built, sources, feeding, mixer, workers: int, seconds: float, min_batches: int) -> dict:
+    feed = _feed(built, sources, feeding, workers)
     t_start = time.perf_counter()
     prefetch = 4 * workers if workers else 0  # data_loader's prefetch_factor
-    warm = {name: 0 for name in iters}
+    trained = [t for t in mixer.names if mixer.weights[t] > 0]
+    warm = {name: 0 for name in trained}
     step = 0
     while min(warm.values()) < prefetch + 2:  # untimed: worker start, buffer fill, prefetch queue
         for task in mixer.tasks_for(step):
-            next(iters[task])
+            feed.next(task)
             warm[task] += 1
         step += 1
         if step > 10_000:
@@ -163,7 +171,7 @@ def measure_pipeline(built, sources, feeding, mixer, workers: int, seconds: floa
     while True:
         for task in mixer.tasks_for(step):
             tb = time.perf_counter()
-            batch = next(iters[task])
+            batch, _, _ = feed.next(task)
             times.append(time.perf_counter() - tb)
             samples += _size(batch)
             batches += 1
@@ -172,33 +180,26 @@ def measure_pipeline(built, sources, feeding, mixer, workers: int, seconds: floa
         if dt >= seconds and batches >= min_batches:
             break
     other = meter.other_share()
-    for it in iters.values():  # stop the workers now, not at interpreter exit
-        shutdown = getattr(it, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
-        for w in getattr(it, "_workers", []):  # one that did not stop (workers may ignore SIGTERM)
-            if w.is_alive():
-                w.kill()
-                w.join(5)
-    return {"workers_per_task": workers, "processes": workers * len(iters), "samples_per_s": samples / dt,
+    for it in feed.iters.values():  # stop the workers now, not at interpreter exit
+        stop_workers(it)
+    return {"workers_per_task": workers, "processes": workers * len(feed.iters), "samples_per_s": samples / dt,
             "ms_per_batch": 1e3 * dt / batches, "batches": batches, "samples": samples, "seconds": dt,
             "startup_s": startup, "other_cpu_share": other, "max_wait_ms": 1e3 * max(times)}
 
 
 def measure_step(built, sources, feeding, mixer, steps: int, warmup: int) -> dict:
-    from vlpt.build import task_streams
     from vlpt.data.collate import move_to
     from vlpt.train.optim import build_optimizer
 
     r = built.recipe
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     n_distinct = 6
-    streams = task_streams(built, sources, 0, 1, feeding)
+    feed = _feed(built, sources, feeding, 0)
     batches = {}
-    for name, s in streams.items():  # the real pipeline's batches, built before timing
-        it = iter(s)
-        batches[name] = [move_to({k: v for k, v in next(it).items() if not k.startswith("data_")}, device)
-                         for _ in range(n_distinct)]
+    for name in (t for t in mixer.names if mixer.weights[t] > 0):  # the real pipeline's batches, built before timing
+        batches[name] = [move_to(feed.next(name)[0], device) for _ in range(n_distinct)]
+        feed.iters.pop(feed.loader_of[name], None)  # its stream's buffers go now: one task's at a time
+    del feed
     model = built.model.to(device).train()
     opt = build_optimizer(model, r.train)
     if r.train.precision in ("bf16", "fp16") and (device.type == "cuda" or r.train.precision == "bf16"):
@@ -251,17 +252,14 @@ def profile_worker(built, sources, feeding, mixer, batches: int) -> str:
     import io
     import pstats
 
-    from vlpt.build import task_streams
-
-    streams = task_streams(built, sources, 0, 1, feeding)
-    iters = {name: iter(s) for name, s in streams.items()}
-    for name in iters:  # fill the shuffle buffers outside the profile
-        next(iters[name])
+    feed = _feed(built, sources, feeding, 0)
+    for name in (t for t in mixer.names if mixer.weights[t] > 0):  # fill the shuffle buffers outside the profile
+        feed.next(name)
     prof = cProfile.Profile()
     prof.enable()
     for step in range(batches):
         for task in mixer.tasks_for(step):
-            next(iters[task])
+            feed.next(task)
     prof.disable()
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(25)

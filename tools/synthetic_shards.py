@@ -10,17 +10,18 @@ content does not matter, without downloading anything:
         data.val=null model.tokenizer=/tmp/syn/tokenizer.json train.steps=100
 
 Captions are random words ``w0 … wN`` (one token each); regions are random
-features with random boxes and Dirichlet soft labels.
+features with random boxes and Dirichlet soft labels. Timestamps are fixed (tar members
+and ``regions.npz`` members alike), so the same arguments write the same bytes.
 """
 from __future__ import annotations
 
-import io
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from vlpt.data.samples import npz_bytes
 from vlpt.errors import tool_parser
 
 
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     n_shards = (args.samples + args.shard_size - 1) // args.shard_size
     with tqdm(total=args.samples, desc="synthetic shards", unit="sample") as bar:
         for s in range(n_shards):
-            with wds.TarWriter(str(out / f"syn-{s:06d}.tar")) as w:
+            with wds.TarWriter(str(out / f"syn-{s:06d}.tar"), mtime=0.0) as w:
                 for i in range(s * args.shard_size, min(args.samples, (s + 1) * args.shard_size)):
                     k = int(rng.integers(rmin, rmax + 1))
                     xy = rng.random((k, 2)) * 0.7
@@ -74,11 +75,9 @@ def main(argv=None) -> int:
                     }
                     if args.classes:
                         arrays["soft_labels"] = rng.dirichlet(np.full(args.classes, 0.05), size=k).astype(np.float16)
-                    buf = io.BytesIO()
-                    np.savez(buf, **arrays)
                     words = rng.integers(0, args.vocab_size - 5, int(rng.integers(wmin, wmax + 1)))
                     w.write({"__key__": f"syn{i:09d}", "txt": " ".join(f"w{x}" for x in words),
-                             "regions.npz": buf.getvalue()})
+                             "regions.npz": npz_bytes(arrays)})
                     bar.update(1)
     (out / "info.json").write_text(json.dumps({"samples": args.samples, "shards": n_shards, **vars(args)}, indent=2))
     print(f"wrote {args.samples} samples in {n_shards} shards to {out} (pattern syn-{{000000..{n_shards - 1:06d}}}.tar)",

@@ -18,11 +18,11 @@ from .checks import check_files
 from .data.collate import Collator
 from .data.samples import DecodeSettings
 from .data.sources import default_tokenizer_path
-from .data.stream import Source, TaskStream
+from .data.stream import Source, TaskHead, TaskStream
 from .data.tokenizer import TextTokenizer
 from .errors import RecipeError
 from .model import VLModel
-from .model.init import apply_init_config, load_init_weights
+from .init_from import apply_init_config, load_init_weights
 from .recipe import ModelConfig, Recipe
 from .tasks import PretrainModel, TaskSpec, merged_pad_values, resolve_tasks
 
@@ -77,27 +77,43 @@ def decode_settings(recipe: Recipe, model: PretrainModel) -> DecodeSettings:
     )
 
 
-def task_stream(built: Built, task: TaskSpec, index: int, sources: list[Source], rank: int = 0,
+def _head(built: Built, task: TaskSpec) -> TaskHead:
+    return TaskHead(task.name, built.model.pipeline(task.name),
+                    Collator(built.tokenizer.pad_id, task.pad_values, keep_half=True), task.pool_size)
+
+
+def task_stream(built: Built, task: TaskSpec | list[TaskSpec], index: int, sources: list[Source], rank: int = 0,
                 world_size: int = 1) -> TaskStream:
-    """The training stream of one task over the sources that feed it."""
+    """The training stream of one task (or of several that share it) over the sources that feed it."""
+    tasks = task if isinstance(task, list) else [task]
     r, d = built.recipe, built.recipe.data
     return TaskStream(
-        sources, built.tokenizer, decode_settings(r, built.model), built.model.pipeline(task.name), task.needs,
-        Collator(built.tokenizer.pad_id, task.pad_values), sample_fields=tuple(task.sample_fields),
+        sources, built.tokenizer, decode_settings(r, built.model), None, tasks[0].needs, None,
+        heads=[_head(built, t) for t in tasks],
+        sample_fields=tuple(dict.fromkeys(f for t in tasks for f in t.sample_fields)),
         batch_tokens=d.batch_tokens, batch_size=d.batch_size, bucket_size=d.bucket_size,
-        size_multiple=d.size_multiple, shuffle_buffer=d.shuffle_buffer, pool_size=task.pool_size, seed=r.seed,
+        size_multiple=d.size_multiple, shuffle_buffer=d.shuffle_buffer, seed=r.seed,
         stream_id=index, rank=rank, world_size=world_size, resample="auto" if d.resample is None else d.resample,
     )
 
 
 def task_streams(built: Built, sources: list[Source], rank: int = 0, world_size: int = 1,
-                 feeding: list[list[int]] | None = None) -> dict[str, TaskStream]:
+                 feeding: list[list[int]] | None = None, share: bool = False) -> dict[str, TaskStream]:
     """One stream per task; with ``feeding`` (from :func:`vlpt.data.sources.probe_sources`), a task reads
-    only the sources that can feed it."""
-    streams = {}
+    only the sources that can feed it. With ``share`` (``mixing: sum``), the trained tasks (weight > 0)
+    that read the same sources with the same needs share one stream: each sample is decoded once,
+    and the stream's items hold every one of those tasks' batches of the same samples."""
+    groups: dict[tuple, list[int]] = {}
     for i, task in enumerate(built.tasks):
-        mine = sources if feeding is None else [sources[j] for j in feeding[i]]
-        streams[task.name] = task_stream(built, task, i, mine, rank, world_size)
+        mine = tuple(range(len(sources))) if feeding is None else tuple(feeding[i])
+        key = (mine, task.needs) if share and task.weight > 0 else ("own", i)
+        groups.setdefault(key, []).append(i)
+    streams = {}
+    for key, members in groups.items():
+        index = members[0]
+        mine = sources if feeding is None else [sources[j] for j in feeding[index]]
+        stream = task_stream(built, [built.tasks[i] for i in members], index, mine, rank, world_size)
+        streams.update({built.tasks[i].name: stream for i in members})
     return streams
 
 
@@ -133,10 +149,16 @@ def stop_workers(iterator) -> None:
             w.join(5)
 
 
-def data_loader(stream: TaskStream, num_workers: int, seed: int = 0) -> torch.utils.data.DataLoader:
+def data_loader(stream: TaskStream, num_workers: int, seed: int = 0,
+                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """The loader of a stream. ``pin_memory`` (training on a GPU): batches arrive in page-locked memory,
+    collated straight into it without workers, so their copies to the device do not block the host."""
+    for head in stream.heads:
+        head.collator.pin = pin_memory and num_workers == 0
     # Its own generator: starting a loader's workers then draws nothing from torch's global
     # generator, so dropout draws the same numbers in a resumed run as in an uninterrupted one.
-    kwargs = dict(batch_size=None, num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
+    kwargs = dict(batch_size=None, num_workers=num_workers, generator=torch.Generator().manual_seed(seed),
+                  pin_memory=pin_memory)
     if num_workers > 0:
         kwargs.update(persistent_workers=True, prefetch_factor=4, worker_init_fn=_ignore_stop_signals)
     return torch.utils.data.DataLoader(stream, **kwargs)

@@ -15,12 +15,12 @@ from .recipe import Recipe
 
 def check_init_from(path: str) -> None:
     """``model.init_from``: a Hugging Face BERT folder, a vlpt run folder or a vlpt checkpoint."""
-    from .run_dir import RECIPE, WEIGHTS
+    from .run_dir import RECIPE, WEIGHTS, has_weights
 
     p = Path(path).expanduser()
     if not p.is_dir():
         raise RecipeError(f"recipe key 'model.init_from': folder '{path}' not found")
-    if not ((p / "config.json").is_file() or (p / RECIPE).is_file() or (p / WEIGHTS).is_file()):
+    if not ((p / "config.json").is_file() or (p / RECIPE).is_file() or has_weights(p)):
         raise RecipeError(f"recipe key 'model.init_from': '{path}' is neither a Hugging Face checkpoint folder "
                           f"(config.json) nor a vlpt run ({RECIPE}) or checkpoint ({WEIGHTS}) folder")
 

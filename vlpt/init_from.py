@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
-from ..recipe import ModelConfig, load_recipe
-from ..run_dir import RECIPE, TOKENIZER, WEIGHTS, RunDir, is_checkpoint, locate
-from .bert_io import apply_bert_config, load_bert_into
+from .errors import UserError
+from .model.bert_io import apply_bert_config, load_bert_into
+from .recipe import ModelConfig, load_recipe
+from .run_dir import RECIPE, TOKENIZER, RunDir, is_checkpoint, locate
 
 #: model sizes a finetune takes from the pretrained run (everything that shapes a weight)
 SIZE_KEYS = ("hidden_size", "layers", "heads", "ffn_size", "max_positions", "region_feature_dim", "vocab_size",
@@ -47,7 +47,7 @@ def init_tokenizer_path(path: str | Path) -> str:
     saved = run.path / TOKENIZER
     if saved.is_file():
         return str(saved)
-    from ..data.sources import default_tokenizer_path  # a run written before runs kept their tokenizer
+    from .data.sources import default_tokenizer_path  # a run written before runs kept their tokenizer
 
     return default_tokenizer_path(load_recipe(run.recipe))
 
@@ -73,10 +73,10 @@ def load_init_weights(model: torch.nn.Module, path: str | Path, heads: bool = Fa
         left = sorted({k.split(".")[0] for k in fresh})
         return (f"model.init_from: loaded {len(own) - len(fresh)} BERT tensors ({', '.join(loaded)}) from {path}; "
                 f"fresh: {', '.join(left) or 'nothing'} of the encoder, and every objective head")
-    from safetensors.torch import load_file
+    from .train.checkpoint import read_weights  # model.safetensors, or a sharded run's slices put together
 
     run, ckpt = _run_and_checkpoint(path)
-    saved = load_file(str(ckpt / WEIGHTS))
+    saved = read_weights(ckpt)
     weights = {k[len("vl."):]: v for k, v in saved.items() if k.startswith("vl.")}
     own = model.vl.state_dict()
     wrong = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]

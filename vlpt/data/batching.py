@@ -5,13 +5,10 @@ lengths waste compute when padded together. Fill a bucket of ``bucket_size``
 samples, sort it by length, cut it into batches whose padded size
 (longest × count) stays within ``max_tokens`` with counts in multiples of
 ``size_multiple``, then shuffle the batches. Batch size varies; padding stays
-small.
+small. The stream (:mod:`vlpt.data.stream`) keeps the bucket and its cut batches
+itself, so that its position can be saved between any two batches.
 """
 from __future__ import annotations
-
-from typing import Callable, Iterable, Iterator
-
-import numpy as np
 
 
 def token_budget_batches(
@@ -34,37 +31,3 @@ def token_budget_batches(
     if current:
         batches.append(current)
     return batches
-
-
-def bucket_batches(
-    items: Iterable[dict],
-    length: Callable[[dict], int],
-    rng: np.random.Generator,
-    max_tokens: int | None,
-    batch_size: int | None,
-    bucket_size: int,
-    size_multiple: int = 8,
-) -> Iterator[list[dict]]:
-    """Group a stream of items into batches (token budget or fixed size)."""
-    if batch_size is not None:
-        batch: list[dict] = []
-        for item in items:
-            batch.append(item)
-            if len(batch) == batch_size:
-                yield batch
-                batch = []
-        return  # a partial last batch of an infinite stream never happens; of a finite one, dropped
-    bucket: list[dict] = []
-    for item in items:
-        bucket.append(item)
-        if len(bucket) >= bucket_size:
-            yield from _emit(bucket, length, rng, max_tokens, size_multiple)
-            bucket = []
-    if bucket:
-        yield from _emit(bucket, length, rng, max_tokens, size_multiple)
-
-
-def _emit(bucket, length, rng, max_tokens, size_multiple):
-    groups = token_budget_batches([length(x) for x in bucket], max_tokens, size_multiple)
-    for j in rng.permutation(len(groups)):
-        yield [bucket[i] for i in groups[j]]

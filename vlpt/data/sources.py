@@ -81,7 +81,7 @@ def default_tokenizer_path(recipe: Recipe) -> str:
     if recipe.model.tokenizer:
         return recipe.model.tokenizer
     if recipe.model.init_from:
-        from ..model.init import init_tokenizer_path
+        from ..init_from import init_tokenizer_path
 
         return init_tokenizer_path(recipe.model.init_from)
     src = recipe.data.train[0]

@@ -1,25 +1,33 @@
-"""The training stream of one task: shards -> clean samples -> task views -> batches.
+"""The training stream of a task: shards -> clean samples -> shuffle -> batches -> views -> collation.
 
-Everything happens inside the ``IterableDataset`` so each data-loader worker of
-each rank reads its own part of the stream:
+Everything happens inside the ``IterableDataset`` so each data-loader worker of each rank reads
+its own part of the stream (a *slot*, see :mod:`vlpt.data.readers`):
 
-1. shards of each source are reshuffled every epoch with a seed shared by all
-   ranks, then split by (rank, worker) slot — by shard when there are enough
-   shards, else by sample index, so no slot is ever left empty;
+1. each source's shards are reshuffled every pass with a seed shared by all ranks and split by
+   slot — by shard when there are enough shards, else by sample index, so no slot is left empty
+   (or, resampling, drawn per slot);
 2. sources are interleaved by weight (UNITER mixes COCO/VG/CC/SBU this way);
 3. samples are decoded safely, tokenized, filtered (bad ones counted by reason);
-4. a shuffle buffer, then the task's objectives ``prepare`` each sample;
-5. token-budget (or fixed-size) batching, then collation.
+4. a shuffle buffer;
+5. token-budget (or fixed-size) batching by the samples' own lengths (as UNITER's sampler
+   budgets a batch before an ITM negative swaps an image in);
+6. each task's objectives ``prepare`` the batch's samples (with a pool of recent samples for
+   those that draw negatives), and the views are collated.
 
-The stream is endless (epochs repeat), so every rank can run exactly
-``train.steps`` updates, whatever the shard sizes.
+One stream can serve several tasks (``heads``): under ``mixing: sum`` every task trains on every
+update, and tasks that read the same sources the same way then share one stream, so a sample is
+read and decoded once and every task trains on the same samples in an update (as ViLT and ALBEF
+compute all their losses on one batch). Its items are then ``{"parts": {task: batch}}``.
 
-Exact resume: every stage is deterministic given (seed, task, slot), so the
-data cursor is just the number of batches the trainer has taken from the
-task's loader. A resumed stream replays its slot's share of them (decoding,
-preparing and batching, but not collating) and yields from the next one on:
-no sample is seen twice or skipped compared with an uninterrupted run.
-Replay costs about the decode time of the samples already trained on.
+The stream is endless (passes repeat), so every rank can run exactly ``train.steps`` updates.
+
+Resume from a position: every batch carries ``data_position``, the state of its slot right after
+it — each source reader's position (pass, shard, byte offset), the locations of the samples its
+shuffle buffer, token bucket and negatives pool hold, and its generator's state. A stream given
+such a state (``start``) continues exactly where that slot was: it seeks in the shard and reads
+the held samples again from their locations, so resuming costs the same at step 20 as at step
+2,000,000. :func:`vlpt.data.positions.elastic_starts` turns the positions of one layout of
+ranks and workers into starts for another.
 """
 from __future__ import annotations
 
@@ -33,30 +41,16 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .batching import bucket_batches
-from .collate import Collator
 from ..batch import has_field, modalities
-from .samples import BadSample, DecodeSettings, decode_sample, keep_modalities, sample_length
+from .batching import token_budget_batches
+from .collate import Collator
+from .readers import Location, Source, SourceReader, pass_plan, read_locations, resampling
+from .samples import EPOCH, BadSample, DecodeSettings, decode_sample, keep_modalities, sample_length
+from .tar_reader import read_tar_samples
+
+__all__ = ["Source", "TaskHead", "TaskStream", "read_tar_samples"]
 
 log = logging.getLogger("vlpt.data")
-
-
-@dataclass
-class Source:
-    urls: list[str]
-    weight: float = 1.0
-
-
-def read_tar_samples(url: str, on_error: Callable[[str], None]) -> Iterator[dict]:
-    """Raw samples (bytes per extension) of one shard; a broken shard ends early and is counted."""
-    import webdataset as wds
-
-    def handler(exn):
-        on_error("bad_tar")
-        return True  # skip and continue
-
-    stream = wds.tarfile_to_samples(handler=handler)(iter([{"url": url}]))
-    yield from stream
 
 
 class RateLimitedWarner:
@@ -73,18 +67,38 @@ class RateLimitedWarner:
             log.warning("skipping bad sample (%s): %s", reason, detail)
 
 
+@dataclass
+class TaskHead:
+    """The task end of a stream: its objectives' ``prepare`` and its collation."""
+
+    name: str
+    prepare: Callable[[dict, np.random.Generator, Any], dict]
+    collator: Collator
+    pool_size: int = 0  # recent samples kept for objectives that draw negatives (0: none)
+
+
+def _locations(locations) -> torch.Tensor:
+    """(N, 4) int64 tensor of sample locations: it travels from a worker cheaply."""
+    return torch.from_numpy(np.array(locations, dtype=np.int64).reshape(-1, 4))
+
+
+def _listed(locations) -> list[Location]:
+    return [tuple(row) for row in torch.as_tensor(locations).reshape(-1, 4).tolist()]
+
+
 class TaskStream(IterableDataset):
-    """Endless batches for one task, split across ranks and workers inside the stream."""
+    """Endless batches for one task (or several, see ``heads``), split across ranks and workers."""
 
     def __init__(
         self,
         sources: list[Source],
         tokenizer,
         decode: DecodeSettings,
-        prepare: Callable[[dict, np.random.Generator, list[dict] | None], dict],
+        prepare: Callable[[dict, np.random.Generator, list[dict] | None], dict] | None,
         needs: set[str],
-        collator: Collator,
+        collator: Collator | None,
         *,
+        heads: list[TaskHead] | None = None,
         sample_fields: tuple[str, ...] = (),
         batch_tokens: int | None,
         batch_size: int | None,
@@ -102,147 +116,220 @@ class TaskStream(IterableDataset):
         self.sources = sources
         self.tokenizer = tokenizer
         self.decode = decode
-        self.prepare = prepare
+        self.heads = heads or [TaskHead("", prepare, collator, pool_size)]
         self.needs = set(needs)
         self.sample_fields = tuple(sample_fields)
-        self.collator = collator
         self.batch_tokens, self.batch_size = batch_tokens, batch_size
         self.bucket_size, self.size_multiple = bucket_size, size_multiple
-        self.shuffle_buffer, self.pool_size = shuffle_buffer, pool_size
+        self.shuffle_buffer = shuffle_buffer
         self.seed, self.stream_id = seed, stream_id
         self.rank, self.world_size = rank, world_size
         self.resample = resample
-        self.skipped: Counter = Counter()
-        self.read = 0  # samples this slot tried to decode (the denominator of the bad fraction)
-        self.warn = RateLimitedWarner()
-        #: batches of this task already trained on (all workers of this rank together): replayed, not yielded
-        self.resume_batches = 0
+        #: where each worker starts: ``taken`` (batches of this loader already trained on, for the
+        #: loader's worker rotation) and ``states`` (original worker id -> its position); set by the trainer
+        self.start: dict[str, Any] = {"taken": 0, "states": {}}
 
-    # -- stages ----------------------------------------------------------------------
+    @property
+    def prepare(self):
+        return self.heads[0].prepare
+
+    @property
+    def collator(self):
+        return self.heads[0].collator
+
+    # -- who reads what -------------------------------------------------------------------
     def _worker(self) -> tuple[int, int]:
-        """(worker id, workers) as the uninterrupted run numbered them.
+        """(worker id, workers) as the run before a resume numbered them.
 
         The loader takes batch j from worker j % num_workers, starting again from worker 0
-        when a resumed run builds it; after ``resume_batches`` batches the next one is due
-        from the worker numbered ``resume_batches % num_workers`` in the original count."""
+        when a resumed run builds it; after ``taken`` batches the next one is due from the
+        worker numbered ``taken % num_workers`` in the original count."""
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        return (wid + self.resume_batches) % nw, nw
+        return (wid + int(self.start.get("taken", 0))) % nw, nw
 
     def _slot(self) -> tuple[int, int]:
         wid, nw = self._worker()
         return self.rank * nw + wid, self.world_size * nw
 
     def _resampling(self, source: Source, slots: int) -> bool:
-        if self.resample == "auto":  # several ranks and enough shards that each slot reads its own
-            return self.world_size > 1 and len(source.urls) >= slots
-        return bool(self.resample)
+        return resampling(self.resample, self.world_size, len(source.urls), slots)
 
-    def _shard_orders(self, index: int, source: Source, slot: int, slots: int) -> Iterator[tuple[list[str], bool]]:
-        """Per pass: the shards this slot reads, and whether it keeps every sample of them.
+    def plan(self, index: int, slot: int, slots: int) -> Callable[[int], list[list]]:
+        """The segments slot ``slot`` reads of source ``index`` in a fresh pass."""
+        source = self.sources[index]
+        resample = self._resampling(source, slots)
+        return lambda pass_no: pass_plan(self.seed, index, len(source.urls), slot, slots, pass_no, resample)
 
-        Epochs: all slots share one permutation per epoch and split it by shard (or, with
-        fewer shards than slots, by sample index). Resampling: each slot draws shards with
-        replacement from its own generator, so no slot ever waits for an epoch to end."""
-        if self._resampling(source, slots):
-            rs = np.random.default_rng([self.seed, index, slot, 0x5A3])
-            while True:
-                yield [source.urls[i] for i in rs.integers(len(source.urls), size=len(source.urls))], True
-        epoch = 0
-        while True:
-            order = np.random.default_rng([self.seed, index, epoch]).permutation(len(source.urls))
-            urls = [source.urls[i] for i in order]
-            by_shard = len(urls) >= slots
-            yield (urls[slot::slots] if by_shard else urls), by_shard
-            epoch += 1
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        wid, _ = self._worker()
+        if get_worker_info() is not None:
+            torch.set_num_threads(1)  # workers do numpy work; leave the cores to the training step
+        run = StreamRun(self, *self._slot(), wid, self.start.get("states", {}).get(wid))
+        yield from run.batches()
 
-    def _source_samples(self, index: int, source: Source, slot: int, slots: int) -> Iterator[dict]:
-        for mine, by_shard in self._shard_orders(index, source, slot, slots):
-            seen = 0
-            n = 0
-            for url in mine:
-                for raw in read_tar_samples(url, self._count):
-                    n += 1
-                    if not by_shard and (n - 1) % slots != slot:
-                        continue
-                    self.read += 1
-                    try:
-                        sample = decode_sample(raw, self.tokenizer, self.decode)
-                    except BadSample as e:
-                        self._count(e.reason, str(e))
-                        continue
-                    if not self.needs <= modalities(sample):
-                        continue  # e.g. a caption-only sample offered to an image-text task
-                    lacking = next((f for f in self.sample_fields if not has_field(sample, f)), None)
-                    if lacking is not None:  # a field the task's objectives read (e.g. a VQA answer)
-                        self._count(f"lacks_{lacking}", sample.get("key", ""))
-                        continue
-                    seen += 1
-                    yield keep_modalities(sample, self.needs)
-            if seen == 0:
-                raise RuntimeError(
-                    f"data source {index} gave no usable sample to rank {self.rank} (slot {slot}/{slots}) "
-                    f"in a whole pass over {len(source.urls)} shard(s); skipped so far: {dict(self.skipped)}"
-                )
 
-    def _count(self, reason: str, detail: str = "") -> None:
+class SampleDecoder:
+    """Raw samples -> the clean samples a stream's tasks can use, counting what is skipped and why.
+
+    Its own object (not a method of :class:`StreamRun`), so the readers that call it hold no
+    reference back to the run: a run that is dropped frees its buffers at once, not at the next
+    garbage collection."""
+
+    def __init__(self, stream: TaskStream):
+        self.s = stream
+        self.skipped: Counter = Counter()
+        self.read = 0  # samples this slot tried to decode (the denominator of the bad fraction)
+        self.warn = RateLimitedWarner()
+
+    def count(self, reason: str, detail: str = "") -> None:
         self.skipped[reason] += 1
         self.warn(reason, detail or reason)
 
-    def _mixed(self, rng: np.random.Generator, slot: int, slots: int) -> Iterator[dict]:
-        streams = [self._source_samples(i, s, slot, slots) for i, s in enumerate(self.sources)]
-        if len(streams) == 1:
-            yield from streams[0]
-            return
-        p = np.array([s.weight for s in self.sources], dtype=np.float64)
+    def clean(self, raw: dict, count: bool) -> dict | None:
+        """The clean sample of a raw one this task can use, or None (counted as bad if ``count``)."""
+        try:
+            sample = decode_sample(raw, self.s.tokenizer, self.s.decode)
+        except BadSample as e:
+            if count:
+                self.count(e.reason, str(e))
+            return None
+        if not self.s.needs <= modalities(sample):
+            return None  # e.g. a caption-only sample offered to an image-text task
+        lacking = next((f for f in self.s.sample_fields if not has_field(sample, f)), None)
+        if lacking is not None:  # a field the task's objectives read (e.g. a VQA answer)
+            if count:
+                self.count(f"lacks_{lacking}", sample.get("key", ""))
+            return None
+        return keep_modalities(sample, self.s.needs)
+
+    def __call__(self, raw: dict) -> dict | None:
+        self.read += 1
+        return self.clean(raw, count=True)
+
+
+class StreamRun:
+    """One slot's pass through a :class:`TaskStream`: every stage's contents, and its position."""
+
+    def __init__(self, stream: TaskStream, slot: int, slots: int, worker: int, state: dict | None):
+        self.s, self.slot, self.slots, self.worker = stream, slot, slots, worker
+        self.decoder = SampleDecoder(stream)
+        self.rng = np.random.default_rng([stream.seed, stream.stream_id, slot])
+        self.buffer: list[tuple[Location, dict]] = []  # the shuffle buffer
+        self.bucket: list[tuple[Location, dict]] = []  # samples waiting to be batched
+        self.pending: deque[list[tuple[Location, dict]]] = deque()  # batches of a bucket not yet yielded
+        # per head: its negatives pool's samples, and their locations
+        self.pools = [(deque(maxlen=h.pool_size), deque(maxlen=h.pool_size)) for h in stream.heads]
+        try:
+            self.readers = self._readers((state or {}).get("readers"))
+        except ValueError as e:  # the recipe's data changed since the checkpoint
+            log.warning("resuming: %s; this reader starts from the beginning", e)
+            state, self.readers = None, self._readers(None)
+        if state is not None:
+            self._restore(state)
+
+    def _readers(self, states: list[dict] | None) -> list[SourceReader]:
+        sources = self.s.sources
+        states = states or [None] * len(sources)
+        if len(states) != len(sources):
+            raise ValueError(f"{len(sources)} data sources, {len(states)} in the saved position")
+        d = self.decoder
+        return [SourceReader(i, src, self.s.plan(i, self.slot, self.slots), d, d.count, states[i])
+                for i, src in enumerate(sources)]
+
+    # -- position ---------------------------------------------------------------------------
+    def state(self) -> dict:
+        """Everything a stream needs to continue exactly from here (plain data and int tensors)."""
+        return {"worker": self.worker, "slot": self.slot, "slots": self.slots,
+                "readers": [r.state() for r in self.readers], "rng": self.rng.bit_generator.state,
+                "buffer": _locations([loc for loc, _ in self.buffer]),
+                "bucket": _locations([loc for loc, _ in self.bucket]),
+                "pending": [_locations([loc for loc, _ in g]) for g in self.pending],
+                "pools": [_locations(list(locs)) for _, locs in self.pools]}
+
+    def _restore(self, state: dict) -> None:
+        """Refill the buffers from their samples' locations (read again, not counted again)."""
+        groups = {"buffer": [_listed(state.get("buffer", ()))], "bucket": [_listed(state.get("bucket", ()))],
+                  "pending": [_listed(g) for g in state.get("pending", [])],
+                  "pools": [_listed(p) for p in state.get("pools", [])]}
+        every = [loc for gs in groups.values() for g in gs for loc in g]
+        raws = read_locations(self.s.sources, every, lambda *a: None)
+        items: dict[Location, tuple[Location, dict]] = {}
+        for loc in every:
+            sample = self.decoder.clean(raws[loc], count=False) if raws[loc] is not None else None
+            if sample is None:
+                log.warning("resuming: the sample at %s can no longer be read; it is left out", loc)
+                continue
+            items[loc] = (loc, {**sample, EPOCH: loc[3]})
+        have = lambda g: [items[loc] for loc in g if loc in items]  # noqa: E731
+        self.buffer, self.bucket = have(groups["buffer"][0]), have(groups["bucket"][0])
+        self.pending = deque(have(g) for g in groups["pending"])
+        for (samples, locs), pool in zip(self.pools, groups["pools"]):
+            for loc, sample in have(pool):
+                samples.append(sample)
+                locs.append(loc)
+        if state.get("rng") is not None:
+            self.rng.bit_generator.state = state["rng"]
+
+    # -- stages -----------------------------------------------------------------------------
+    def _mixed(self) -> Iterator[tuple[Location, dict]]:
+        streams = [r.samples() for r in self.readers]
+        p = np.array([src.weight for src in self.s.sources], dtype=np.float64)
         p = p / p.sum()
         while True:
-            yield next(streams[rng.choice(len(streams), p=p)])
+            i = 0 if len(streams) == 1 else int(self.rng.choice(len(streams), p=p))
+            try:
+                loc, sample = next(streams[i])
+            except RuntimeError as e:
+                raise RuntimeError(f"{e} (rank {self.s.rank}, slot {self.slot}/{self.slots}); skipped so far: "
+                                   f"{dict(self.decoder.skipped)}") from None
+            sample[EPOCH] = loc[3]
+            yield loc, sample
 
-    def _shuffled(self, samples: Iterator[dict], rng: np.random.Generator) -> Iterator[dict]:
-        buf: list[dict] = []
-        for s in samples:
-            if len(buf) < self.shuffle_buffer:
-                buf.append(s)
+    def _shuffled(self, items: Iterator[tuple[Location, dict]]) -> Iterator[tuple[Location, dict]]:
+        buf = self.buffer
+        for item in items:
+            buf.append(item)
+            while len(buf) > self.s.shuffle_buffer:
+                j = int(self.rng.integers(len(buf)))
+                buf[j], buf[-1] = buf[-1], buf[j]
+                yield buf.pop()
+
+    def _groups(self, items: Iterator[tuple[Location, dict]]) -> Iterator[list[tuple[Location, dict]]]:
+        """Batches of samples: a fixed count, or UNITER's token budget over buckets of samples."""
+        s = self.s
+        while True:
+            while self.pending:
+                yield self.pending.popleft()
+            full = s.batch_size if s.batch_size is not None else s.bucket_size
+            while len(self.bucket) < full:
+                self.bucket.append(next(items))
+            bucket, self.bucket = self.bucket, []
+            if s.batch_size is not None:
+                self.pending.append(bucket)
                 continue
-            j = rng.integers(len(buf))
-            buf[j], s = s, buf[j]
-            yield s
+            groups = token_budget_batches([sample_length(x) for _, x in bucket], s.batch_tokens, s.size_multiple)
+            self.pending.extend([bucket[i] for i in groups[j]] for j in self.rng.permutation(len(groups)))
 
-    def _views(self, samples: Iterator[dict], rng: np.random.Generator) -> Iterator[dict]:
-        pool: deque[dict] | None = deque(maxlen=self.pool_size) if self.pool_size else None
-        for s in samples:
-            if pool is not None:
-                pool.append(s)
-                if len(pool) < min(8, self.pool_size):
-                    continue  # let a few samples in before drawing negatives from the pool
-            yield self.prepare(dict(s), rng, pool)
+    def _collate(self, index: int, group: list[tuple[Location, dict]]) -> dict[str, Any]:
+        head = self.s.heads[index]
+        samples, locs = self.pools[index]
+        views = []
+        for loc, sample in group:
+            if head.pool_size:
+                samples.append(sample)
+                locs.append(loc)
+            views.append(head.prepare(dict(sample), self.rng, samples if head.pool_size else None))
+        return head.collator(views)
 
-    def _replayed(self) -> int:
-        """How many of the ``resume_batches`` already trained on this worker made."""
-        wid, nw = self._worker()
-        return max(0, (self.resume_batches - wid + nw - 1) // nw)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        slot, slots = self._slot()
-        replay = self._replayed()
-        rng = np.random.default_rng([self.seed, self.stream_id, slot])
-        if get_worker_info() is not None:
-            torch.set_num_threads(1)  # workers do numpy work; leave the cores to the training step
-        views = self._views(self._shuffled(self._mixed(rng, slot, slots), rng), rng)
-        reported: Counter = Counter()
-        read_reported = 0
-        for group in bucket_batches(
-            views, sample_length, rng, self.batch_tokens, self.batch_size, self.bucket_size, self.size_multiple
-        ):
-            if replay:  # trained on before a resume: the trainer restored its counts of these
-                replay -= 1
-                if not replay:
-                    reported, read_reported = Counter(self.skipped), self.read
-                continue
-            batch = self.collator(group)
+    def batches(self) -> Iterator[dict[str, Any]]:
+        reported, read_reported, d = Counter(), 0, self.decoder
+        for group in self._groups(self._shuffled(self._mixed())):
+            parts = {h.name: self._collate(i, group) for i, h in enumerate(self.s.heads)}
+            out = parts[self.s.heads[0].name] if len(parts) == 1 else {"parts": parts}
             # counts since the previous batch: the trainer sums them over workers and tasks
-            batch["data_skipped"] = dict(self.skipped - reported)
-            batch["data_read"] = self.read - read_reported
-            reported, read_reported = Counter(self.skipped), self.read
-            yield batch
+            out["data_skipped"] = dict(d.skipped - reported)
+            out["data_read"] = d.read - read_reported
+            out["data_position"] = self.state()
+            reported, read_reported = Counter(d.skipped), d.read
+            yield out
