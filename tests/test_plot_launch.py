@@ -194,11 +194,10 @@ def test_multi_node_config_takes_rank_and_address_from_the_command_line():
     assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
 
 
-def test_fsdp_config_wraps_trunk_layers_with_the_intended_strategy():
+def test_fsdp_config_wraps_trunk_layers_as_fsdp2_units():
     import accelerate.utils.dataclasses as acc_dataclasses
     import torch
     from accelerate.utils import FullyShardedDataParallelPlugin
-    from torch.distributed.fsdp import ShardingStrategy
 
     from vlpt.model import trunk
 
@@ -206,15 +205,13 @@ def test_fsdp_config_wraps_trunk_layers_with_the_intended_strategy():
     assert env["ACCELERATE_USE_FSDP"] == "true"
     for name in env["FSDP_TRANSFORMER_CLS_TO_WRAP"].split(","):
         assert isinstance(getattr(trunk, name, None), type), f"{name} is not a class in vlpt.model.trunk"
-    # The plugin the training processes build from that environment. (accelerate 1.x writes the
-    # FSDP1 strategy as fsdp_reshard_after_forward, but an fsdp_sharding_strategy, which the launcher
-    # always sets, FULL_SHARD by default, wins: the config must name the strategy there.)
+    # The plugin the training processes build from that environment: FSDP2 (fully_shard), each
+    # TrunkLayer a unit, parameters kept gathered from forward to backward (SHARD_GRAD_OP's behaviour).
     with mock.patch.dict(os.environ, env), mock.patch.object(acc_dataclasses, "is_cuda_available", lambda: True), \
             mock.patch.object(torch.cuda, "current_device", lambda: 0):
         plugin = FullyShardedDataParallelPlugin()
-    assert plugin.sharding_strategy == ShardingStrategy.SHARD_GRAD_OP
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is False
     assert plugin.transformer_cls_names_to_wrap == ["TrunkLayer"]
-    assert plugin.use_orig_params is True
 
 
 def test_deepspeed_config_is_zero2_bf16():

@@ -1,4 +1,7 @@
-"""``vlpt eval`` and ``vlpt export``: reopen a finished (or running) run from its folder."""
+"""``vlpt eval`` and ``vlpt export``: reopen a finished (or running) run from its folder.
+
+Both run in one process, for any run: a sharded (FSDP) run's checkpoint is put together from its
+slices on load (:func:`vlpt.train.checkpoint.read_weights`), so no cluster is needed."""
 from __future__ import annotations
 
 import json
@@ -7,6 +10,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from .build import Built, build_model, decode_settings, eval_collator
 from .data.sources import resolve_sources
@@ -53,7 +57,11 @@ def export_run(path, out_dir) -> None:
     out = Path(out_dir)
     export_bert(built.model.vl, out)
     built.tokenizer.save_pretrained(out)
-    shutil.copy(ckpt / WEIGHTS, out / "vlpt_model.safetensors")
+    if (ckpt / WEIGHTS).is_file():
+        shutil.copy(ckpt / WEIGHTS, out / "vlpt_model.safetensors")
+    else:  # a sharded run's checkpoint: its weights as one file, as an unsharded run writes them
+        state = {k: v.detach().cpu().contiguous() for k, v in built.model.state_dict().items()}
+        save_file(state, str(out / "vlpt_model.safetensors"), metadata={"format": "pt"})
     shutil.copy(run.recipe, out / "vlpt_recipe.yaml")
     print(f"vlpt: exported {ckpt} to {out}: config.json + model.safetensors (transformers.BertModel), "
           "tokenizer.json, vlpt_model.safetensors (every vlpt weight), vlpt_recipe.yaml", file=sys.stderr)

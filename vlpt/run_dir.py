@@ -11,8 +11,10 @@ report stay light)::
       eval.json              the latest evaluation, flat keys
       done.json              written by the trainer when the run has reached train.steps
       checkpoints/step-NNNNNNN/
-        model.safetensors    every weight
-        trainer.pt           optimizer, schedule, grad scaler
+        model.safetensors    every weight (DDP and one-process runs)
+        sharded/             instead, in sharded (FSDP) runs: every rank's slices of the weights
+                             and optimizer state (torch.distributed.checkpoint's format)
+        trainer.pt           optimizer (not in sharded runs), schedule, grad scaler
         state.json           step, data cursor, counters
         rank-NNNNN.pt        per process: RNG states, bad-sample counts
 
@@ -44,6 +46,8 @@ TRAIN_LOG = "train.log"  # where a sweep's local launcher copies a run's console
 WEIGHTS = "model.safetensors"
 TRAINER_STATE = "trainer.pt"
 STATE = "state.json"
+SHARDED = "sharded"  # a folder: torch.distributed.checkpoint's files
+SHARDED_INDEX = ".metadata"  # written last by torch.distributed.checkpoint: the folder is complete
 
 STEP_RE = re.compile(r"^step-(\d{7,})$")
 
@@ -56,10 +60,27 @@ def rank_file_name(rank: int) -> str:
     return f"rank-{rank:05d}.pt"
 
 
+def has_weights(path: str | Path) -> bool:
+    """The folder holds a checkpoint's weights: ``model.safetensors``, or a sharded run's ``sharded/``."""
+    p = Path(path)
+    return (p / WEIGHTS).is_file() or (p / SHARDED / SHARDED_INDEX).is_file()
+
+
 def is_checkpoint(path: str | Path) -> bool:
     """A finished checkpoint folder (``step-NNNNNNN`` holding its weights)."""
     p = Path(path)
-    return bool(STEP_RE.match(p.name)) and (p / WEIGHTS).is_file()
+    return bool(STEP_RE.match(p.name)) and has_weights(p)
+
+
+def to_prune(checkpoints: list[Path], keep: int | None, keep_every: int | None = None) -> list[Path]:
+    """The checkpoints (oldest first) that retention removes: all but the newest ``keep``, except
+    milestones, whose step is a multiple of ``keep_every``. ``keep`` None or 0 keeps everything."""
+    if not keep or keep <= 0:
+        return []
+    old = checkpoints[:-keep]
+    if keep_every:
+        old = [c for c in old if step_of(c) % keep_every]
+    return old
 
 
 def step_of(checkpoint: str | Path) -> int:
@@ -214,8 +235,8 @@ def locate(path: str | Path, checkpoint: str | Path | None = None) -> tuple[RunD
         raise UserError(f"'{path}' is neither a run folder (no {RECIPE}) nor a checkpoint folder")
     if checkpoint is not None:
         c = Path(checkpoint)
-        if not (c / WEIGHTS).is_file():
-            raise UserError(f"checkpoint '{checkpoint}' has no {WEIGHTS}")
+        if not has_weights(c):
+            raise UserError(f"checkpoint '{checkpoint}' has no weights ({WEIGHTS} or {SHARDED}/)")
         return run, c
     latest = run.latest_checkpoint()
     if latest is None:

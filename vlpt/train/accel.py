@@ -8,6 +8,7 @@ import torch
 
 from ..errors import UserError
 from ..recipe import Recipe
+from .sharded import enable_fsdp_on_cpu_ranks
 
 
 def tracker_names(recipe: Recipe) -> list[str]:
@@ -35,5 +36,7 @@ def make_accelerator(recipe: Recipe):
     # several processes and no GPU (e.g. torchrun on CPUs): accelerate only sets up gloo ranks when told cpu=True
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     trackers = tracker_names(recipe)
-    return Accelerator(mixed_precision=precision, kwargs_handlers=[ddp], cpu=multi_cpu,
-                       log_with=trackers or None, project_dir=recipe.output_dir if trackers else None)
+    accelerator = Accelerator(mixed_precision=precision, kwargs_handlers=[ddp], cpu=multi_cpu,
+                              log_with=trackers or None, project_dir=recipe.output_dir if trackers else None)
+    enable_fsdp_on_cpu_ranks(accelerator)  # an FSDP launch on CPU ranks: accelerate alone would run DDP
+    return accelerator

@@ -7,8 +7,8 @@ webdataset loader would either read everything on rank 0 or split twice.
 
 Runs survive: a checkpoint holds everything an uninterrupted run would still
 have in memory (weights, optimizer, schedule, scaler, every RNG of every rank,
-batches consumed per task, bad-sample counts), so a resumed run continues
-bit for bit. SIGTERM or SIGUSR1 makes every rank stop at the next step
+the position of every data reader, bad-sample counts), so a resumed run continues
+bit for bit (:mod:`vlpt.train.data_feed`). SIGTERM or SIGUSR1 makes every rank stop at the next step
 boundary, checkpoint and exit 0 (a cluster requeue then resumes).
 """
 from __future__ import annotations
@@ -26,22 +26,24 @@ from typing import Any
 import torch
 import yaml
 
-from ..build import (Built, build_model, data_loader, decode_settings, eval_collator, note, stop_workers,
-                     task_streams, validate)
+from ..build import Built, build_model, decode_settings, eval_collator, note, stop_workers, validate
 from ..data.collate import move_to
 from ..data.sources import probe_sources, resolve_sources
 from ..errors import UserError
 from ..eval import EvalData, evaluate, load_samples
 from ..recipe import Recipe, to_dict
+from ..model.packing import real_count_known
 from ..run_dir import RunDir
 from . import rng
-from .checkpoint import (load_model_weights, load_rank_state, load_trainer_state, rank_file, read_state, readable,
-                         save_checkpoint, staging_dir)
+from .checkpoint import (check_same_kind, load_model_weights, load_rank_state, load_trainer_state, rank_file,
+                         read_state, readable, save_checkpoint, staging_dir, weights_fingerprint, write_or_stop)
 from .accel import make_accelerator
+from .data_feed import DataFeed
 from .flops import device_peak_flops, train_step_flops
 from .logbook import Logbook, MetricsLog, batch_stats, flatten
 from .mixing import TaskMixer
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, clipped_step, fused_supported
+from .sharded import gathered_root, load_sharded_state, save_sharded_state, sharding
 
 
 STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)
@@ -58,6 +60,7 @@ class Trainer:
         self._check_output_dir(resume, force)
         self.accelerator = make_accelerator(recipe)
         acc = self.accelerator
+        self.sharding = sharding(acc)  # "fsdp2": no rank holds every weight (vlpt.train.sharded)
         from accelerate.utils import set_seed
 
         set_seed(recipe.seed)  # same initial weights on every rank
@@ -69,11 +72,16 @@ class Trainer:
         for line in filter(None, (self.built.init_report, self.built.tokenizer.note(recipe.data.max_text_len))):
             note(line)
         self.feeding = probe_sources(tasks, self.sources, decode_settings(recipe, model), self.built.tokenizer)
-        self.optimizer = build_optimizer(model, recipe.train)
+        model.vl.unpad = recipe.train.unpad
+        # FSDP gathers a layer's weights in its forward; the partial last layer reads them outside it
+        model.vl.partial_last_layer = not self.sharding
+        if recipe.train.compile:
+            model.vl.trunk.compile_layers()
+        self.optimizer = build_optimizer(model, recipe.train, fused=fused_supported(model, self.accelerator.device))
         self.scheduler = build_scheduler(self.optimizer, recipe.train)
         self.start_step = 0
         self.resumed_from = None
-        self.consumed: Counter = Counter()  # batches taken from each task's loader: the data cursor
+        self.consumed: Counter = Counter()  # batches trained on per task (the data cursor: self.feed)
         self.bad_updates = 0
         self.wall_before = 0.0  # training seconds of the attempts before a resume
         self.skipped: Counter = Counter()
@@ -83,13 +91,18 @@ class Trainer:
         if ckpt is not None:
             rank_state = self._resume(ckpt)
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
+        if ckpt is not None and self.sharding:
+            load_sharded_state(ckpt, self.model, self.optimizer)  # into the sharded parameters
+        # skip non-finite updates on the device: fused AdamW, no grad scaler, gradients not sharded
+        self.skip_on_device = (bool(self.optimizer.defaults.get("fused")) and acc.scaler is None
+                               and acc.distributed_type.name not in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"))
         self.mixer = TaskMixer([t.name for t in tasks], [t.weight for t in tasks], recipe.mixing, recipe.seed)
-        streams = task_streams(self.built, self.sources, acc.process_index, acc.num_processes, self.feeding)
-        for name, s in streams.items():
-            s.resume_batches = self.consumed[name]
-        self.loaders = {name: data_loader(s, recipe.data.num_workers, seed=recipe.seed)
-                        for name, s in streams.items()}
-        self.iters: dict[str, Any] = {}
+        self.feed = DataFeed(self.built, self.sources, self.feeding, acc.process_index, acc.num_processes,
+                             recipe.data.num_workers, recipe.seed, share=recipe.mixing == "sum",
+                             pin_memory=acc.device.type == "cuda")
+        if ckpt is not None:
+            self._resume_data(ckpt, rank_state)
+        self.loaders, self.iters = self.feed.loaders, self.feed.iters
         self.metrics = MetricsLog(self.run.metrics, acc.is_main_process)
         self.vl_config = model.vl.config
         self.peak_flops, self.peak_source = device_peak_flops(acc.device, recipe.train.precision)
@@ -132,10 +145,13 @@ class Trainer:
         return found[chosen]
 
     def _resume(self, ckpt: Path) -> dict | None:
-        load_model_weights(self.built.model, ckpt)
+        check_same_kind(ckpt, self.sharding)
+        if not self.sharding:  # a sharded run loads weights and optimizer after prepare
+            load_model_weights(self.built.model, ckpt)
         state = load_trainer_state(ckpt)
         if state is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if state["optimizer"] is not None:
+                self.optimizer.load_state_dict(state["optimizer"])
             if state.get("scheduler"):
                 self.scheduler.load_state_dict(state["scheduler"])
             if state.get("scaler") and self.accelerator.scaler is not None:
@@ -145,35 +161,44 @@ class Trainer:
         self.consumed = Counter(info.get("consumed", {}))
         self.bad_updates = int(info.get("bad_updates", 0))
         self.wall_before = float(info.get("wall_s", 0.0))
+        self.resumed_from, self.resumed_info = ckpt, info
         readers = {"processes": self.accelerator.num_processes, "num_workers": self.recipe.data.num_workers}
-        if info.get("readers", readers) != readers:
-            print(f"vlpt: warning: {ckpt} was written with {info['readers']}, this run has {readers}: the data is "
-                  "split differently, so the resumed stream does not continue the first one exactly", file=sys.stderr)
-        self.resumed_from = ckpt
         rank_state = load_rank_state(ckpt, self.accelerator.process_index)
         if rank_state is not None:
             self.skipped = Counter(rank_state.get("skipped", {}))
             self.read = int(rank_state.get("read", 0))
-        elif info.get("consumed"):
+        elif info.get("consumed") and info.get("readers", readers) == readers:
             print(f"vlpt: warning: {ckpt} has no state for rank {self.accelerator.process_index}: RNG states "
                   "start fresh, so the run will not repeat an uninterrupted one exactly", file=sys.stderr)
         if self.accelerator.is_main_process:
             self.run.truncate_metrics(self.start_step)  # the resumed run logs the steps after it again
         return rank_state
 
+    def _resume_data(self, ckpt: Path, rank_state: dict | None) -> None:
+        """Where the data streams go on (see :meth:`DataFeed.resume`); another layout also takes over
+        the bad-sample counts of the old ranks."""
+        counts = self.feed.resume(ckpt, self.resumed_info, rank_state)
+        if counts is not None:
+            self.skipped, self.read = counts
+
     def _next_batch(self, task: str) -> tuple[dict, tuple[int, int, int]]:
         """The task's next batch on the device, and its (samples, real tokens, padded tokens)."""
-        if task not in self.iters:
-            self.iters[task] = iter(self.loaders[task])
-        batch = next(self.iters[task])
+        batch, skipped, read = self.feed.next(task)
         self.consumed[task] += 1
-        self.skipped.update(batch.pop("data_skipped", {}) or {})
-        self.read += int(batch.pop("data_read", 0) or 0)
+        self.skipped.update(skipped)
+        self.read += read
         return move_to(batch, self.accelerator.device), batch_stats(batch)
 
     # -- one update --------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, Any]:
-        """One optimizer update. Losses and metrics stay tensors (no device sync); see ``as_floats``."""
+        """One optimizer update, with no device sync: losses and metrics stay tensors (see
+        ``as_floats``), real-token counts are read on the CPU, and a non-finite update is skipped
+        on the device (the skips are read on logging steps, :meth:`_bad_update`).
+
+        The micro-batches' gradients are averaged, so an update is the same however its tokens are
+        split into micro-batches, and ``train.clip`` bounds the norm of that mean. (UNITER sums
+        its micro-batches' gradients and clips the sum: the UNITER recipes give clip and eps
+        divided by UNITER's accumulation steps, the same updates; see recipes/uniter-base.yaml.)"""
         acc, model, cfg = self.accelerator, self.model, self.recipe.train
         record: dict[str, Any] = {}
         samples = real_tokens = padded_tokens = 0
@@ -188,9 +213,9 @@ class Trainer:
                 batch, (size, real, padded) = self._next_batch(task)
                 micro += 1
                 sync = contextlib.nullcontext() if micro == n_micro else acc.no_sync(model)
-                with sync, acc.autocast():
+                with sync, acc.autocast(), real_count_known(batch, real):
                     loss, metrics = model(task, batch)
-                    scaled = loss * (self.mixer.loss_scale(task) / cfg.accumulate)
+                    scaled = loss * (self.mixer.loss_scale(task) / cfg.accumulate)  # the mean over micro-batches
                 acc.backward(scaled)
                 task_loss += loss.detach() / cfg.accumulate
                 for k, v in metrics.items():
@@ -198,37 +223,89 @@ class Trainer:
                 samples += size
                 real_tokens += real
                 padded_tokens += padded
-                flops += train_step_flops(self.vl_config, size, padded // max(size, 1))
+                flops += train_step_flops(self.vl_config, size, padded // max(size, 1),
+                                          tokens=real if cfg.unpad else None)
             record[f"loss/{task}"] = task_loss
             total_loss += task_loss * self.mixer.loss_scale(task)
-        # the norm of the synchronized gradients: the same on every rank, so all ranks skip together
-        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.clip or float("inf"))
-        record["grad_norm"] = grad_norm
-        # One host sync per update. With fp16 the grad scaler skips overflowing updates itself
-        # (and lowers its scale); otherwise a non-finite gradient skips the update here.
-        if acc.scaler is None and not bool(torch.isfinite(grad_norm)):
-            self._bad_update(step, tasks)
-        else:
-            self.bad_in_row = 0
-            self.optimizer.step()
+        record["grad_norm"] = self._update(step, tasks)
         self.scheduler.step()  # a skipped update still advances the schedule: lr stays a function of the step
         self.optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % self.recipe.log.every == 0 or done == cfg.steps:
+            self._bad_update(done)
         record.update(task=tasks[0] if len(tasks) == 1 else "+".join(tasks), loss=total_loss,
                       samples=samples, tokens=real_tokens, padded_tokens=padded_tokens, flops=flops)
         return record
 
-    def _bad_update(self, step: int, tasks: list[str]) -> None:
-        self.bad_in_row += 1
-        self.bad_updates += 1
+    def _update(self, step: int, tasks: list[str]) -> torch.Tensor:
+        """Clip and step; returns the gradient norm (before clipping; a device tensor).
+
+        Fused AdamW (plain or DDP runs): the clip factor is the kernel's ``grad_scale`` (no pass of
+        its own over the gradients) and a non-finite norm sets its ``found_inf``, which leaves
+        weights and Adam state as they were, all on the device. Otherwise (FSDP / DeepSpeed, no
+        fused kernel) the norm is read on the host to decide; with fp16 the grad scaler skips
+        overflowing updates itself. The norm is of the synchronized gradients, the same on every
+        rank, so all ranks skip together."""
+        acc, clip = self.accelerator, self.recipe.train.clip
+        where = (step + 1, "+".join(tasks))
+        if self.skip_on_device:
+            norm, found_inf = clipped_step(self.optimizer, self.model.parameters(), clip)
+            self.skip_flags.append((where, found_inf))
+            return norm
+        norm = acc.clip_grad_norm_(self.model.parameters(), clip or float("inf"))
+        if acc.scaler is None and not bool(torch.isfinite(norm)):  # one host read per update
+            self.skip_flags.append((where, torch.ones(())))
+        else:
+            self.skip_flags.append((where, torch.zeros(())))
+            self.optimizer.step()
+        return norm
+
+    @property
+    def bad_updates(self) -> int:
+        """Updates skipped so far for a non-finite loss or gradient. Reading it reads the pending skip
+        flags from the device (one sync): the loop does so on logging and checkpoint steps."""
+        self._read_skip_flags()
+        return self._bad_updates
+
+    @bad_updates.setter
+    def bad_updates(self, value: int) -> None:
+        self._bad_updates = int(value)
+        self.skip_flags: list = []  # ((step, tasks), 0-d flag on the device) per update not yet read
+        self.skipped_unreported: list = []  # (step, tasks, in a row) of skips not yet warned about
+        self.bad_run_limit_at = None  # (step, tasks, in a row) where max_bad_steps was reached
+
+    def _read_skip_flags(self) -> None:
+        if not self.skip_flags:
+            return
+        flags = torch.stack([f.to(torch.float32).cpu() for _, f in self.skip_flags]).tolist()
+        for ((done, tasks), _), bad in zip(self.skip_flags, flags):
+            if not bad:
+                self.bad_in_row = 0
+                continue
+            self.bad_in_row += 1
+            self._bad_updates += 1
+            if self.bad_in_row >= self.recipe.train.max_bad_steps and self.bad_run_limit_at is None:
+                self.bad_run_limit_at = (done, tasks, self.bad_in_row)
+            elif self.bad_run_limit_at is None:
+                self.skipped_unreported.append((done, tasks, self.bad_in_row))
+        self.skip_flags = []
+
+    def _bad_update(self, done: int) -> None:
+        """Read the skip flags (a logging step): warn about each skipped update, and stop when
+        ``train.max_bad_steps`` updates in a row were skipped."""
+        self._read_skip_flags()
         limit = self.recipe.train.max_bad_steps
-        where = f"step {step + 1}, task {'+'.join(tasks)}"
-        if self.bad_in_row >= limit:
-            raise UserError(f"stopping at {where}: the loss or gradients were not finite in {self.bad_in_row} updates "
-                            f"in a row (train.max_bad_steps = {limit}); lower train.lr, check the data, or resume "
-                            "from an earlier checkpoint")
         if self.accelerator.is_main_process:
-            print(f"vlpt: warning: non-finite loss or gradients at {where}: update skipped "
-                  f"({self.bad_in_row} in a row, stop at {limit})", file=sys.stderr)
+            for at, tasks, row in self.skipped_unreported:
+                print(f"vlpt: warning: non-finite loss or gradients at step {at}, task {tasks}: update skipped "
+                      f"({row} in a row, stop at {limit})", file=sys.stderr)
+        self.skipped_unreported = []
+        if self.bad_run_limit_at is not None:
+            at, tasks, row = self.bad_run_limit_at
+            seen = f" (seen at step {done})" if done != at else ""
+            raise UserError(f"stopping at step {at}, task {tasks}{seen}: the loss or gradients were not finite in "
+                            f"{row} updates in a row (train.max_bad_steps = {limit}); lower train.lr, check the data, "
+                            "or resume from an earlier checkpoint")
 
     def check_bad_fraction(self, step: int) -> None:
         """Stop (on every rank at once) when too many samples were skipped as bad."""
@@ -257,39 +334,39 @@ class Trainer:
     def run_eval(self, step: int) -> dict[str, float] | None:
         acc = self.accelerator
         result = None
-        if acc.is_main_process and self.eval_data() is not None:
-            result = {"step": step, **evaluate(acc.unwrap_model(self.model), self.eval_data())}
+        if (acc.is_main_process or self.sharding) and self.eval_data() is not None:
+            with gathered_root(self.model):  # sharded: every rank evaluates, each forward gathers from all
+                result = {"step": step, **evaluate(acc.unwrap_model(self.model), self.eval_data())}
+        if acc.is_main_process and result is not None:
             self.run.write_eval(result)
             self.metrics.write({"step": step, "time": time.time(), **{f"eval/{k}": v for k, v in result.items() if k != "step"}})
         acc.wait_for_everyone()
         return result
 
     def save(self, step: int) -> None:
-        """Every rank stages its RNG states and counts, then the main process writes the rest and renames."""
-        acc = self.accelerator
+        """Every rank stages its RNG states and counts (sharded: and its slices of weights and optimizer),
+        then the main process writes the rest and renames; a full disk on any rank stops every rank."""
+        acc, ck = self.accelerator, self.recipe.checkpoint
         acc.wait_for_everyone()
         if acc.is_main_process:
             staging_dir(self.out, step)
         acc.wait_for_everyone()
-        torch.save({"rng": rng.capture(), "skipped": dict(self.skipped), "read": self.read,
-                    "consumed": dict(self.consumed), "fingerprint": self._fingerprint()},
-                   rank_file(staging_dir(self.out, step, fresh=False), acc.process_index))
+        staged = staging_dir(self.out, step, fresh=False)
+        write_or_stop(acc, self.out, step, lambda: torch.save(
+            {"rng": rng.capture(), "skipped": dict(self.skipped), "read": self.read,
+             "consumed": dict(self.consumed), "data": self.feed.state(),
+             "fingerprint": weights_fingerprint(self.model.parameters())},
+            rank_file(staged, acc.process_index)))
+        if self.sharding:
+            write_or_stop(acc, self.out, step, lambda: save_sharded_state(staged, self.model, self.optimizer))
+        write_or_stop(acc, self.out, step, acc.is_main_process and (lambda: save_checkpoint(
+            self.out, step, None if self.sharding else acc.unwrap_model(self.model),
+            None if self.sharding else self.optimizer, self.scheduler,
+            extra={"consumed": dict(self.consumed), "bad_updates": self.bad_updates,
+                   "wall_s": round(self.wall_before + time.time() - self.t_fit, 1),
+                   "readers": {"processes": acc.num_processes, "num_workers": self.recipe.data.num_workers}},
+            keep=ck.keep, keep_every=ck.keep_every, staged=True, scaler=acc.scaler)))
         acc.wait_for_everyone()
-        if acc.is_main_process:
-            save_checkpoint(self.out, step, acc.unwrap_model(self.model), self.optimizer, self.scheduler,
-                            extra={"consumed": dict(self.consumed), "bad_updates": self.bad_updates,
-                                   "wall_s": round(self.wall_before + time.time() - self.t_fit, 1),
-                                   "readers": {"processes": acc.num_processes,
-                                               "num_workers": self.recipe.data.num_workers}},
-                            keep=self.recipe.checkpoint.keep, staged=True, scaler=acc.scaler)
-        acc.wait_for_everyone()
-
-    def _fingerprint(self) -> torch.Tensor:
-        """Sum and sum of squares of every weight, in float64: ranks holding the same weights write the
-        same numbers, so replicas that drifted apart show up by comparing the rank files."""
-        with torch.no_grad():
-            parts = [torch.stack([p.double().sum(), p.double().pow(2).sum()]) for p in self.model.parameters()]
-        return torch.stack(parts).cpu()
 
     # -- preemption ---------------------------------------------------------------------
     def _install_signal_handlers(self) -> dict:
