@@ -1,8 +1,9 @@
 """Checkpoints: ``checkpoints/step-NNNNNNN/`` with ``model.safetensors`` holding every weight.
 
 Beside it: ``trainer.pt`` (optimizer, schedule, grad scaler), ``state.json``
-(step, batches consumed per task: the data cursor) and one ``rank-NNNNN.pt``
-per process (its RNG states and bad-sample counts), all loaded with
+(step, batches taken per task, the readers' layout) and one ``rank-NNNNN.pt``
+per process (its RNG states, bad-sample counts and its readers' positions: the
+data cursor, see ``docs/resume.md``), all loaded with
 safetensors or ``torch.load(weights_only=True)``: a checkpoint is data, never
 code. A sharded (FSDP) run writes ``sharded/`` instead of ``model.safetensors``
 and the optimizer (:mod:`vlpt.train.sharded`); everything that reads weights

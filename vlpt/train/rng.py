@@ -3,8 +3,8 @@
 Exact resume needs them all: torch's CPU generator (dropout on CPU, anything an
 objective draws in ``forward``), each CUDA device's generator (dropout on GPU),
 numpy's and Python's global generators (for plugins that use them). The data
-stream's generators are not here: they are seeded from (seed, task, slot) and
-replayed (see ``vlpt.data.stream``).
+stream's generators are not here: each reader's travels with its position
+(see ``vlpt.data.positions``).
 
 The states are stored as tensors, ints and tuples only, so the file loads with
 ``torch.load(weights_only=True)``.
