@@ -81,7 +81,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -91,7 +90,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from vlpt.errors import RecipeError, UserError, tool_parser  # noqa: E402
+from vlpt.errors import RecipeError, UserError, run_command, tool_parser  # noqa: E402
 
 TASK = "mlmitm"
 #: distinct pre-built batches cycled through the warm-up and timed steps
@@ -568,18 +567,11 @@ def main(argv=None) -> int:
         ap.error("the following arguments are required: recipe")
     if args.uniter and args.hidden % args.heads:
         ap.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
-    try:
-        if args.uniter:
-            import bench_uniter  # beside this file
+    if args.uniter:
+        import bench_uniter  # beside this file
 
-            return bench_uniter.run(args)
-        return run(args)
-    except UserError as e:
-        print(f"bench: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
+        return run_command("bench", bench_uniter.run, args)
+    return run_command("bench", run, args)
 
 
 if __name__ == "__main__":

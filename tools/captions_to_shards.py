@@ -60,7 +60,7 @@ import sys
 from pathlib import Path
 
 from vlpt.data.shard_writer import (ImageOptions, ShardSink, add_output_arguments, check_output_arguments, convert,
-                                    converter_main, order_rows, read_json_file, read_jsonl_file)
+                                    converter_entry, order_rows, read_json_file, read_jsonl_file)
 from vlpt.data.vocab import wordpiece_tokenizer
 from vlpt.errors import UserError, tool_parser
 
@@ -209,8 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    return converter_main(PROG, build_parser, run, argv)
+main = converter_entry(PROG, build_parser, run)  # main(argv=None) -> exit code
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from collections import Counter
 from pathlib import Path
 
 from vlpt.data.shard_writer import (ImageOptions, KeyMaker, ShardSink, add_output_arguments, check_output_arguments,
-                                    convert, converter_main, order_rows, read_jsonl_file)
+                                    convert, converter_entry, order_rows, read_jsonl_file)
 from vlpt.errors import UserError, tool_parser
 
 PROG = "nlvr2_to_shards"
@@ -117,8 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    return converter_main(PROG, build_parser, run, argv)
+main = converter_entry(PROG, build_parser, run)  # main(argv=None) -> exit code
 
 
 if __name__ == "__main__":

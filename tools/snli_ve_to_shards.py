@@ -40,7 +40,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from vlpt.data.shard_writer import (KeyMaker, add_output_arguments, check_output_arguments, convert, converter_main,
+from vlpt.data.shard_writer import (KeyMaker, add_output_arguments, check_output_arguments, convert, converter_entry,
                                     order_rows, read_jsonl_file, write_image_text_row)
 from vlpt.errors import UserError, tool_parser
 
@@ -91,8 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    return converter_main(PROG, build_parser, run, argv)
+main = converter_entry(PROG, build_parser, run)  # main(argv=None) -> exit code
 
 
 if __name__ == "__main__":

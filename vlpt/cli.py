@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, run_command
 
 
 def _train(args) -> int:
@@ -210,13 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(bad)}")
         args.overrides = [*args.overrides, *extra]
     try:
-        return args.func(args) or 0
-    except UserError as e:
-        print(f"vlpt: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("vlpt: interrupted", file=sys.stderr)
-        return 130
+        return run_command("vlpt", args.func, args)
     except BrokenPipeError:  # e.g. `vlpt objectives | head`
         sys.stderr.close()
         return 0

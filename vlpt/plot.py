@@ -126,6 +126,14 @@ def task_losses(records: list[dict[str, Any]], series: Series) -> Series:
     return {t: v for t, v in found.items() if v}
 
 
+def _raw_and_smoothed(ax, series: dict, faint: float, width: float) -> None:
+    """Each named series twice in one color: raw and faint, then smoothed (a marker when too short to see)."""
+    for i, (name, (steps, values)) in enumerate(sorted(series.items())):
+        color = f"C{i % 10}"
+        ax.plot(steps, values, color=color, alpha=faint, linewidth=0.8)
+        ax.plot(steps, ema(values), color=color, linewidth=width, label=name, marker="o" if len(steps) < 3 else None)
+
+
 def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
     """Draw ``run``'s metrics (a run folder or a ``metrics.jsonl`` file) to a PNG; return its path."""
     try:
@@ -174,17 +182,11 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
         ax.set_xlabel("step")
         ax.set_xlim(0, max(last, 1) * 1.02)  # one step axis for every panel
         if panel == "loss":
-            for i, (task, (steps, values)) in enumerate(sorted(losses.items())):
-                color = f"C{i % 10}"
-                ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
-                ax.plot(steps, ema(values), color=color, linewidth=1.6, label=task, marker="o" if len(steps) < 3 else None)
+            _raw_and_smoothed(ax, losses, faint=0.25, width=1.6)
             ax.set_title("training loss per task (raw, faint; smoothed)")
             ax.legend(fontsize=8)
         elif panel == "objective":
-            for i, (name, (steps, values)) in enumerate(sorted(objective.items())):
-                color = f"C{i % 10}"
-                ax.plot(steps, values, color=color, alpha=0.2, linewidth=0.8)
-                ax.plot(steps, ema(values), color=color, linewidth=1.4, label=name, marker="o" if len(steps) < 3 else None)
+            _raw_and_smoothed(ax, objective, faint=0.2, width=1.4)
             ax.set_title("training metrics per objective (smoothed)")
             ax.legend(fontsize=7, ncol=2)
         elif panel == "eval" and len({s for steps, _ in evals.values() for s in steps}) == 1:

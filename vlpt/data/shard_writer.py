@@ -21,6 +21,7 @@ public format into *rows*: one JSON-able dict per sample, with a ``key`` and wha
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import json
@@ -491,3 +492,8 @@ def converter_main(prog: str, build_parser: Callable[[], argparse.ArgumentParser
     """A converter's ``main``: parse, run, a user mistake in one line (exit 2), Ctrl-C says how to resume."""
     args = build_parser().parse_args(argv)
     return run_command(prog, run, args, resumable=True)
+
+
+def converter_entry(prog: str, build_parser: Callable[[], argparse.ArgumentParser], run: Callable) -> Callable:
+    """A converter script's ``main(argv=None) -> exit code`` (:func:`converter_main` bound to it)."""
+    return functools.partial(converter_main, prog, build_parser, run)
