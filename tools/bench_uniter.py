@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.machinery
+import importlib.util
 import statistics
 import sys
 import time
@@ -60,7 +62,10 @@ def load_uniter(folder: str) -> SimpleNamespace:
     fused.FusedLayerNorm = FusedLayerNorm
     apex.normalization, norm.fused_layer_norm = norm, fused
     sys.modules.update({m.__name__: m for m in (apex, norm, fused)})
-    sys.path.insert(0, str(root))
+    for package in ("model", "optim"):  # UNITER's packages, found in the checkout (nothing else is looked up there)
+        module = importlib.util.module_from_spec(importlib.machinery.ModuleSpec(package, None, is_package=True))
+        module.__path__ = [str(root / package)]
+        sys.modules[package] = module
     try:
         found = SimpleNamespace(pretrain=importlib.import_module("model.pretrain"),
                                 model=importlib.import_module("model.model"),
