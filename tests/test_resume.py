@@ -149,10 +149,18 @@ def test_sum_mode_shared_stream_resumes_bitwise_after_sigkill(tmp_path):
     assert list(data["loaders"]) == ["mlm+itm"] and data["loaders"]["mlm+itm"]["taken"] == 2 * STEPS
 
 
-def test_non_finite_losses_skip_updates_then_stop(tmp_path):
+# "device": the fused AdamW skips the update on the device; "host": without a fused kernel (as under
+# FSDP), the trainer reads the gradient norm and does not step (the plugin takes the kernel away)
+NO_FUSED_KERNEL = ("import vlpt.train.trainer\n"
+                   "vlpt.train.trainer.fused_supported = lambda *args, **kwargs: False\n")
+
+
+@pytest.mark.parametrize("skipped_on", ["device", "host"])
+def test_non_finite_losses_skip_updates_then_stop(tmp_path, skipped_on):
     # the loss is NaN at step 3 alone, finite at steps 4-6, then NaN from step 7 on (max_bad_steps 3)
     plugin = tmp_path / "nan_at.py"
     plugin.write_text(
+        (NO_FUSED_KERNEL if skipped_on == "host" else "") +
         "import torch\n"
         "from vlpt import Objective, ObjectiveOutput, register_objective\n\n"
         "@register_objective('nan_at')\n"
