@@ -167,3 +167,30 @@ def test_init_from_a_vlpt_run_loads_the_encoder_and_starts_heads_fresh(tmp_path,
     assert all(torch.equal(state[k], v) for k, v in saved.items() if k.startswith("vl."))
     head = "objectives.itm.head.weight"
     assert not torch.equal(state[head], saved[head])  # heads start fresh
+
+
+# -- NLVR2's paired-attn head (UNITER's NLVR2 config) -----------------------------------------------
+def test_nlvr2_paired_attn_reads_both_images_and_ignores_padding():
+    from vlpt.batch import SECOND
+    from vlpt.testing import DOWNSTREAM_META, prepare_batch, tiny_pretrain_model, tiny_samples, tiny_task
+
+    task = tiny_task({"nlvr2": {"weight": 1.0, "head": "paired-attn"}}, name="nlvr2")
+    model = tiny_pretrain_model([task]).eval()
+    head = model.objectives["nlvr2"]
+    batch = prepare_batch(model, task, tiny_samples(8, meta=DOWNSTREAM_META, second_image=True, regions=(1, 5)))
+    loss, _ = model("nlvr2", batch)
+    loss.backward()
+    for name, p in head.named_parameters():  # every part of the head takes part (both attentions, pool, join)
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    with torch.no_grad():
+        logits = head.logits(model.vl(batch), batch)
+        other = dict(batch, **{"features" + SECOND: batch["features" + SECOND].flip(0)})  # right images swapped
+        assert (head.logits(model.vl(other), other) - logits).abs().max() > 1e-4
+        # a sample padded in the batch scores as it does alone (no padding): the masks hold on both sides
+        samples = tiny_samples(8, meta=DOWNSTREAM_META, second_image=True, regions=(1, 5))
+        short = [i for i, x in enumerate(samples) if len(x["features"]) < max(len(y["features"]) for y in samples)
+                 and len(x["features2"]) < max(len(y["features2"]) for y in samples)]
+        assert short  # some samples have fewer regions than others in both images
+        for i in short:
+            alone = prepare_batch(model, task, [samples[i]])
+            torch.testing.assert_close(head.logits(model.vl(alone), alone)[0], logits[i], atol=1e-5, rtol=1e-5)

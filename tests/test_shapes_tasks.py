@@ -103,19 +103,38 @@ def _vqa_truth(text, scene, boxes):
     return "yes" if _picks(scene, _parse_desc(m.group(1).split())) else "no"
 
 
-def _nlvr2_truth(text, scenes):
-    m = re.fullmatch(r"(?:the left image has (more|fewer) (.+) than the right image"
-                     r"|both images have the same number of (.+)"
-                     r"|(both images contain|exactly one image contains|neither image contains) (an? .+))",
-                     text)
+_OBJ = r"an? (?:(?:small|large) )?\w+ \w+"
+_CAPTION = re.compile(rf"({_OBJ})(?: ({_REL}) ({_OBJ})(?: and ({_OBJ}))?)?")
+
+
+def _caption_rows(caption, scene):
+    """The phrases of a caption of the pretraining grammar, each object's rows it names, and its relation."""
+    m = _CAPTION.fullmatch(caption)
+    assert m, caption
+    phrases = [_parse_desc(p.split()) for p in (m.group(1), m.group(3), m.group(4)) if p]
+    return phrases, [_picks(scene, d) for d in phrases], m.group(2)
+
+
+def _shows(caption, scene, boxes):
+    """Whether an image is what a caption describes: every object named once (with its size when one
+    is named), no other object, and the relation true of the first two."""
+    phrases, rows, relation = _caption_rows(caption, scene)
+    if sorted(r for found in rows for r in found) != list(range(len(scene))) or any(len(f) != 1 for f in rows):
+        return False
+    return _relation(boxes[rows[0][0]], boxes[rows[1][0]]) == relation
+
+
+def _statement(text):
+    """An NLVR2 statement's quantifier ("both", "exactly", "neither") and its caption."""
+    m = re.fullmatch(r"(both images contain|exactly one image contains|neither image contains) (.+)", text)
     assert m, text
-    desc = _parse_desc((m.group(2) or m.group(3) or m.group(5)).split())
-    left, right = (len(_picks(s, desc)) for s in scenes)
-    rule = {"more": left > right, "fewer": left < right, None: left == right}
-    if m.group(4) is None:
-        return rule[m.group(1)]
-    return {"both": left > 0 and right > 0, "exactly": (left > 0) != (right > 0),
-            "neither": left == 0 and right == 0}[m.group(4).split()[0]]
+    return m.group(1).split()[0], m.group(2)
+
+
+def _nlvr2_truth(text, scenes, boxes):
+    kind, caption = _statement(text)
+    left, right = (_shows(caption, scene, b) for scene, b in zip(scenes, boxes))
+    return {"both": left and right, "exactly": left != right, "neither": not left and not right}[kind]
 
 
 def _binomial_margin(p, n, z=4.0):
@@ -148,8 +167,10 @@ def test_every_text_tokenizes_one_token_per_word_and_uses_the_whole_vocabulary(s
             assert set(words) <= set(T.TASK_WORDS), s["txt"]
             enc = tok.encode(s["txt"])
             assert enc.tokens == ["[CLS]", *words, "[SEP]"] and 1 not in enc.ids, s["txt"]
-    # no word of TASK_WORDS is dead: every one is produced somewhere
-    assert set(T.TASK_WORDS) == set(used), set(T.TASK_WORDS) - set(used)
+    # no word of TASK_WORDS is dead: every one is produced somewhere, but the retired ones (kept for
+    # stable token ids), which are not
+    assert set(T.TASK_WORDS) - set(S.RETIRED_WORDS) == set(used), set(T.TASK_WORDS) - set(used)
+    assert set(S.RETIRED_WORDS) <= set(S.SUITE_WORDS)
 
 
 # --------------------------------------------------------------------------- writing, determinism
@@ -296,12 +317,18 @@ def test_refexp_picks_exactly_its_target(splits):
 
 
 def test_nlvr2_labels_are_true_and_need_both_images(splits):
+    shown = Counter()
     for s in splits["nlvr2"][1][:600]:
         meta = _meta(s)
-        assert _nlvr2_truth(s["txt"], meta["scenes"]) == meta["label"], (s["txt"], meta)
-        # the counts stored are those of the described objects, image by image
         boxes = [_boxes(s), _boxes(s, "2.")]
+        assert _nlvr2_truth(s["txt"], meta["scenes"], boxes) == meta["label"], (s["txt"], meta)
         assert [len(b) for b in boxes] == [len(sc) for sc in meta["scenes"]]
+        # which image shows the caption is stored as read here; both images have the described sizes
+        caption = _statement(s["txt"])[1]
+        assert [_shows(caption, sc, b) for sc, b in zip(meta["scenes"], boxes)] == meta["shows"]
+        assert sorted(o["size"] for o in meta["scenes"][0]) == sorted(o["size"] for o in meta["scenes"][1])
+        shown[tuple(meta["shows"])] += 1
+    assert len(shown) == 4 and min(shown.values()) > 60, shown
     # every statement type is true half the time (the bound: 4 standard deviations)
     by_type = defaultdict(list)
     for s in splits["nlvr2"][1]:
@@ -309,33 +336,43 @@ def test_nlvr2_labels_are_true_and_need_both_images(splits):
     assert set(by_type) == set(T.NLVR2_STATEMENTS)
     for kind, labels in by_type.items():
         assert abs(np.mean(labels) - 0.5) <= _binomial_margin(0.5, len(labels)), kind
-    # "exactly one" and "the same number": one image's count alone tells nothing either
+    # "exactly one": whether the left image shows the caption tells nothing alone
     by_left = defaultdict(list)
     for s in splits["nlvr2"][1]:
         meta = _meta(s)
-        kind = meta["statement_type"]
-        if kind in ("one", "same"):  # for "one", whether the left image has any
-            left = min(meta["counts"][0], 1) if kind == "one" else meta["counts"][0]
-            by_left[kind, left].append(meta["label"])
-    assert len(by_left) >= 5
+        if meta["statement_type"] == "one":
+            by_left[meta["shows"][0]].append(meta["label"])
+    assert len(by_left) == 2
     for key, labels in by_left.items():
         assert abs(np.mean(labels) - 0.5) <= _binomial_margin(0.5, len(labels)), (key, np.mean(labels))
 
 
+def test_nlvr2_boxes_alone_tell_nothing():
+    """An image that does not show the caption has its sizes and its relation between the same
+    places: where the boxes of the sizes a caption names stand tells nothing of the label."""
+    checked = Counter()
+    for s in T.generate("nlvr2", 1500, seed=2):
+        meta = _meta(s)
+        phrases, _, relation = _caption_rows(_statement(s["txt"])[1], meta["scenes"][0])
+        sizes = [d.get("size") for d in phrases]
+        if len(phrases) != 2 or None in sizes or sizes[0] == sizes[1]:
+            continue  # only two objects of two named sizes: their boxes are known without appearance
+        for shows, prefix, scene in zip(meta["shows"], ("", "2."), meta["scenes"]):
+            b = _boxes(s, prefix)
+            first, second = (next(i for i, o in enumerate(scene) if o["size"] == z) for z in sizes)
+            assert _relation(b[first], b[second]) == relation, (s["txt"], shows)
+            checked[shows] += 1
+    assert min(checked.values()) > 100, checked
+
+
 def test_retrieval_captions_are_true_of_their_image(splits):
-    obj = r"an? (?:(?:small|large) )?\w+ \w+"
-    grammar = re.compile(rf"({obj})(?: ({_REL}) ({obj})(?: and ({obj}))?)?")
     dropped = 0
     for s in splits["retrieval"][1]:
         meta, boxes = _meta(s), _boxes(s)
-        m = grammar.fullmatch(s["txt"])
-        assert m and m.group(2), s["txt"]  # 2-3 objects: always a relation
-        phrases = [_parse_desc(p.split()) for p in (m.group(1), m.group(3), m.group(4)) if p]
-        rows = [_picks(meta["scene"], d) for d in phrases]
+        phrases, _, relation = _caption_rows(s["txt"], meta["scene"])
+        assert relation, s["txt"]  # 2-3 objects: always a relation
         # every object of the image is named exactly once, with its true size when a size is named
-        assert sorted(r for found in rows for r in found) == list(range(len(meta["scene"]))), s["txt"]
-        assert all(len(found) == 1 for found in rows), s["txt"]
-        assert _relation(boxes[rows[0][0]], boxes[rows[1][0]]) == m.group(2), s["txt"]
+        assert _shows(s["txt"], meta["scene"], boxes), s["txt"]
         dropped += sum("size" not in d for d in phrases)
     assert dropped > 100  # some captions leave sizes out (so an image has several captions)
 

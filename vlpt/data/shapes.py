@@ -125,9 +125,12 @@ CAPTION_WORDS: tuple[str, ...] = tuple(
 )
 #: The further words of the downstream suite's texts (``vlpt.data.shapes_tasks``). One vocabulary
 #: for both: a finetune reads its questions with the pretrained model's tokenizer.
+#: (:data:`RETIRED_WORDS` are no longer produced, and kept so that token ids stay those of earlier data.)
 SUITE_WORDS: tuple[str, ...] = tuple(sorted(set("""circles squares triangles crosses an the what color shape is
     object objects how many are there left right image images has have more fewer than both same number of
     contain contains exactly one neither""".split()) - set(CAPTION_WORDS)))
+#: Words of the suite's earlier NLVR2 statements (counts compared), in the vocabulary still: see above.
+RETIRED_WORDS: tuple[str, ...] = ("fewer", "has", "have", "more", "number", "same", "than")
 VOCAB_WORDS: tuple[str, ...] = tuple(sorted({*CAPTION_WORDS, *SUITE_WORDS}))
 
 # Object counts 1, 2, 3 and their probabilities.

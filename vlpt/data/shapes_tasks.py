@@ -13,8 +13,11 @@ of each region row) and, where a text names objects unambiguously, their groundi
 *   ``refexp`` -- an expression that picks exactly one region, by attributes or by a relation to
     another, uniquely described object; ``target_region`` is its row (rows are in random order).
 *   ``nlvr2`` -- a statement about two images (``2.jpg``/``2.regions.npz`` the right one) that needs
-    both: counts compared, or presence in both / exactly one / neither.  The label is drawn 50/50
-    first, then the pair of counts, then images with those counts.
+    both: that both / exactly one / neither of them shows what a caption of the pretraining kind
+    describes ("exactly one image contains a red circle left of a small blue square").  The label
+    is drawn 50/50 first, then which images show the caption, then the images: one that does not
+    has the described sizes and the caption's relation between the same places, other colors and
+    shapes, so its boxes alone never tell it from one that does.
 *   ``retrieval`` -- images of 2-3 objects with 2-3 different captions each, one sample per caption
     with the image's ``image_id``; ``samples`` counts images, so a split of N images gives R@K over N.
 
@@ -59,14 +62,11 @@ QUESTION_ANSWERS: dict[str, tuple[str, ...]] = {
 #: the VQA answer vocabulary written as ``answer_vocab.json`` (index = position)
 ANSWER_VOCAB: tuple[str, ...] = tuple(dict.fromkeys(a for v in QUESTION_ANSWERS.values() for a in v))
 
-#: NLVR2 statement types: whether (left count, right count) of the described objects makes one true
-NLVR2_STATEMENTS: dict[str, Callable[[int, int], bool]] = {
-    "more": lambda left, right: left > right,
-    "fewer": lambda left, right: left < right,
-    "same": lambda left, right: left == right,
-    "both": lambda left, right: left > 0 and right > 0,
-    "one": lambda left, right: (left > 0) != (right > 0),
-    "neither": lambda left, right: left == 0 and right == 0,
+#: NLVR2 statement types: whether (the left image shows the caption, the right one does) makes one true
+NLVR2_STATEMENTS: dict[str, Callable[[bool, bool], bool]] = {
+    "both": lambda left, right: left and right,
+    "one": lambda left, right: left != right,
+    "neither": lambda left, right: not left and not right,
 }
 REFEXP_TYPES = ("attribute", "relation")
 
@@ -315,35 +315,62 @@ def _refexp(rng: np.random.Generator, key: str, image_size: int, seed: int) -> l
 # --------------------------------------------------------------------------- nlvr2
 
 
-def _nlvr2_text(kind: str, desc: Desc) -> _Text:
-    if kind == "same":
-        return _Text("both images have the same number of").mention("target", desc, plural=True)
-    if kind in ("more", "fewer"):
-        text = _Text("the left image has", kind).mention("target", desc, plural=True)
-        return text.add("than the right image")
-    start = {"both": "both images contain", "one": "exactly one image contains",
-             "neither": "neither image contains"}[kind]
-    return _Text(start).mention("target", desc, "a")
+def _shows(things: list[Thing], boxes: list[Box], caption: "_Caption") -> bool:
+    """Whether a scene is the one a caption describes: the objects it names and no others (each
+    named one with its color, shape and, where named, size) and its relation between the first two."""
+    if len(things) != len(caption.named):
+        return False
+    rows = []
+    for desc in caption.named:
+        found = [i for i, t in enumerate(things) if _matches(t, desc) and i not in rows]
+        if len(found) != 1:
+            return False
+        rows.append(found[0])
+    return relation_of(boxes[rows[0]], boxes[rows[1]]) == caption.relation
+
+
+class _Caption(NamedTuple):
+    text: str
+    named: list[Desc]  # the objects in caption order, each with the roles the caption names
+    relation: str  # of the first named object to the second
+
+
+def _described_scene(rng: np.random.Generator, image_size: int) -> tuple[list[Thing], list[int], _Caption]:
+    """2-3 objects, and a caption of them in the pretraining grammar (:func:`describe_objects`)."""
+    n = int(rng.integers(2, _ROWS + 1))
+    things, boxes = _scene(rng, lambda r: [({}, None)] * n, lambda t, b: True, image_size)
+    order, with_size = [int(i) for i in rng.permutation(n)], list(rng.random(n) < 0.6)
+    sizes, colors, shapes = ([getattr(t, r) for t in things] for r in ROLES)
+    text, _, relation = describe_objects(colors, shapes, sizes, boxes, order, list(range(n)), with_size)
+    named = [{**({"size": sizes[i]} if with_size[i] else {}), "color": colors[i], "shape": shapes[i]} for i in order]
+    return things, order, _Caption(text, named, relation["relation"])
 
 
 def _nlvr2(rng: np.random.Generator, key: str, image_size: int, seed: int) -> list[dict]:
     kind = _pick(rng, tuple(NLVR2_STATEMENTS))
     label = bool(rng.integers(2))
-    counting = kind in ("more", "fewer", "same")
-    desc = _desc(rng, _subsets(ROLES, empty=True, countable=True) if counting else _ANY)
-    lo, hi = int(not desc), 1 if ("color" in desc and "shape" in desc) else _ROWS
-    values = range(lo, hi + 1) if counting else (0, 1)  # presence first: one image alone tells "one" nothing
-    counts = _pick(rng, [(a, b) for a in values for b in values if NLVR2_STATEMENTS[kind](a, b) == label])
-    counts = counts if counting else tuple(int(rng.integers(1, hi + 1)) if c else 0 for c in counts)
+    shows = _pick(rng, [(a, b) for a in (True, False) for b in (True, False) if NLVR2_STATEMENTS[kind](a, b) == label])
+    described, order, caption = _described_scene(rng, image_size)
+    first, second = order[0], order[1]
     entries, scenes = {}, []
-    for prefix, k in zip(("", "2."), counts):
-        valid = lambda t, b, k=k: len(_referents(t, b, {"desc": desc})) == k  # noqa: E731
-        things, boxes = _scene(rng, lambda r, k=k: _count_specs(r, desc, k), valid, image_size)
+    for prefix, shown in zip(("", "2."), shows):
+        # both kinds of image: the described sizes, laid out with the caption's relation between the
+        # objects in its first two places, so that boxes alone never tell a shown caption from another
+        if shown:
+            specs = [(t._asdict(), None) for t in described]
+        else:
+            specs = [({"size": t.size}, None) for t in described]
+
+        def valid(t, b, shown=shown):
+            return relation_of(b[first], b[second]) == caption.relation and _shows(t, b, caption) == shown
+
+        things, boxes = _scene(rng, lambda r, specs=specs: specs, valid, image_size)
         image, _, scene = _image(rng, things, boxes, image_size, prefix)
         entries.update(image)
         scenes.append(scene)
-    meta = {"identifier": key, "label": label, "statement_type": kind, "counts": list(counts)}
-    return [_sample(key, _nlvr2_text(kind, desc), entries, {**meta, "scenes": scenes})]
+    start = {"both": "both images contain", "one": "exactly one image contains", "neither": "neither image contains"}
+    meta = {"identifier": key, "label": label, "statement_type": kind, "shows": list(shows)}
+    return [_sample(key, f"{start[kind]} {caption.text}", entries, {**meta, "scenes": scenes})]
 
 
 # --------------------------------------------------------------------------- retrieval

@@ -24,11 +24,14 @@ def cache_dir(recipe: Recipe | None = None) -> Path:
 
 #: version of the generated data's folder name: a change to what is generated gets new folders
 SHAPES_VERSION = "v2"  # v2: one vocabulary for captions and the downstream suite
+#: a task of the suite whose generation changed since: its own folder version
+TASK_VERSIONS = {"nlvr2": "v3"}  # v3: statements about captions, not counts
 
 
 def shapes_dir(cfg: ShapesConfig, root: Path) -> Path:
     kind = f"-{cfg.task}" if cfg.task else ""
-    return root / "shapes" / f"{SHAPES_VERSION}{kind}-n{cfg.samples}-seed{cfg.seed}-px{cfg.image_size}"
+    version = TASK_VERSIONS.get(cfg.task, SHAPES_VERSION)
+    return root / "shapes" / f"{version}{kind}-n{cfg.samples}-seed{cfg.seed}-px{cfg.image_size}"
 
 
 def ensure_shapes(cfg: ShapesConfig, root: Path, progress: bool = True, quiet: bool = False) -> Path:
