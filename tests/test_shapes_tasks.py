@@ -316,6 +316,26 @@ def test_refexp_picks_exactly_its_target(splits):
     assert set(types) == set(T.REFEXP_TYPES) and min(types.values()) > 200
 
 
+def test_refexp_boxes_alone_do_not_give_a_relation_target_away(splits):
+    """Among a relation expression's three objects, the target is the farthest in the relation's
+    direction half the time and the next one otherwise (the anchor, which it stands in that relation
+    to, is never passed): reading the boxes alone picks it at best half the time."""
+    ranks = Counter()
+    for s in splits["refexp"][1]:
+        meta = _meta(s)
+        if meta["expression_type"] != "relation":
+            continue
+        b = _boxes(s)
+        rel = re.search(rf" ({_REL}) the ", s["txt"]).group(1)
+        centers = {"left of": (b[:, 0] + b[:, 2]), "right of": -(b[:, 0] + b[:, 2]),
+                   "above": (b[:, 1] + b[:, 3]), "below": -(b[:, 1] + b[:, 3])}[rel]
+        assert len(b) == 3, s["txt"]
+        ranks[int(np.argsort(centers, kind="stable").tolist().index(meta["target_region"]))] += 1
+    n = sum(ranks.values())
+    assert set(ranks) == {0, 1} and n > 300, ranks
+    assert abs(ranks[0] / n - 0.5) <= _binomial_margin(0.5, n), ranks
+
+
 def test_nlvr2_labels_are_true_and_need_both_images(splits):
     shown = Counter()
     for s in splits["nlvr2"][1][:600]:

@@ -12,6 +12,8 @@ of each region row) and, where a text names objects unambiguously, their groundi
     chance (:func:`blind_baseline` measures it).
 *   ``refexp`` -- an expression that picks exactly one region, by attributes or by a relation to
     another, uniquely described object; ``target_region`` is its row (rows are in random order).
+    A relation's scene has three objects, and its target is the farthest one in the relation's
+    direction only half the time, so that where the boxes stand does not give the target away.
 *   ``nlvr2`` -- a statement about two images (``2.jpg``/``2.regions.npz`` the right one) that needs
     both: that both / exactly one / neither of them shows what a caption of the pretraining kind
     describes ("exactly one image contains a red circle left of a small blue square").  The label
@@ -285,6 +287,12 @@ def _refexp_query(rng: np.random.Generator, etype: str) -> Query:
             return {**q, "anchor": anchor}
 
 
+def _farthest(boxes: list[Box], rel: str) -> int:
+    """The object farthest in the direction of ``rel`` ("left of": the leftmost box center)."""
+    sign, axis = {"left of": (1, 0), "right of": (-1, 0), "above": (1, 1), "below": (-1, 1)}[rel]
+    return min(range(len(boxes)), key=lambda i: sign * (boxes[i][axis] + boxes[i][2] / 2))
+
+
 def _refexp(rng: np.random.Generator, key: str, image_size: int, seed: int) -> list[dict]:
     etype = _pick(rng, REFEXP_TYPES)
     q = _refexp_query(rng, etype)
@@ -292,16 +300,22 @@ def _refexp(rng: np.random.Generator, key: str, image_size: int, seed: int) -> l
     text = _Text().mention("target", target, "the")
     if etype == "attribute":
         specs = lambda r: [(target, None)] + [({}, target)] * int(r.integers(1, _ROWS))  # noqa: E731
+        valid = lambda t, b: _referents(t, b, q) == [0]  # noqa: E731
     else:
         text.add(q["rel"]).mention("anchor", q["anchor"], "the")
-        # a third object is often described like the target: only the relation tells them apart
+        # a third object, often described like the target: then only the relation tells them apart
         twin = not ("color" in target and "shape" in target)
+        # the target is the farthest object in the relation's direction half the time (never the anchor,
+        # which it stands in that relation to): boxes alone do not give a relation's target away
+        farthest = bool(rng.integers(2))
 
         def specs(r: np.random.Generator) -> list[_Spec]:
-            third = [] if r.random() < 0.3 else [(target if twin and r.random() < 0.6 else {}, q["anchor"])]
-            return [(target, None), (q["anchor"], None), *third]
+            return [(target, None), (q["anchor"], None), (target if twin and r.random() < 0.6 else {}, q["anchor"])]
 
-    things, boxes = _scene(rng, specs, lambda t, b: _referents(t, b, q) == [0], image_size)
+        def valid(t, b):
+            return _referents(t, b, q) == [0] and (_farthest(b, q["rel"]) == 0) == farthest
+
+    things, boxes = _scene(rng, specs, valid, image_size)
     entries, region_of, scene = _image(rng, things, boxes, image_size)
     x, y, side = boxes[0]
     return [_sample(key, text, entries, {

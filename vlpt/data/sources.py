@@ -25,7 +25,8 @@ def cache_dir(recipe: Recipe | None = None) -> Path:
 #: version of the generated data's folder name: a change to what is generated gets new folders
 SHAPES_VERSION = "v2"  # v2: one vocabulary for captions and the downstream suite
 #: a task of the suite whose generation changed since: its own folder version
-TASK_VERSIONS = {"nlvr2": "v3"}  # v3: statements about captions, not counts
+TASK_VERSIONS = {"nlvr2": "v3", "refexp": "v3"}  # v3: nlvr2 statements about captions, not counts; refexp
+# relations whose target is not given away by where the boxes stand
 
 
 def shapes_dir(cfg: ShapesConfig, root: Path) -> Path:
