@@ -25,6 +25,7 @@ Evaluation reports ``nlvr2_acc`` and ``nlvr2_acc_blind`` (both images' region fe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -43,9 +44,6 @@ def truth(label) -> int:
     if isinstance(label, str) and label.lower() in ("true", "false"):
         return int(label.lower() == "true")
     raise UserError(f"nlvr2: label {label!r} is neither true nor false")
-
-
-HEADS = ("paired", "paired-attn")
 
 
 def key_mask(batch) -> torch.Tensor:
@@ -94,7 +92,7 @@ class Nlvr2Paired(Objective):
 
     @dataclass
     class Options:
-        head: str = "paired"  # "paired" (pooled states, linear) or "paired-attn" (UNITER's NLVR2 config)
+        head: Literal["paired", "paired-attn"] = "paired"  # pooled states, linear; or UNITER's NLVR2 config
 
     def __init__(self, options: Options, model, tokenizer):
         super().__init__(options, model, tokenizer)
@@ -102,12 +100,6 @@ class Nlvr2Paired(Objective):
         self.head = nn.Linear(2 * H, 2)
         init_linear(self.head)
         self.pair = PairAttention(H, model.config.heads, model.config.dropout) if options.head == "paired-attn" else None
-
-    @classmethod
-    def check_task(cls, options: Options, task) -> str | None:
-        if options.head not in HEADS:
-            return f"head {options.head!r} is not one of {', '.join(HEADS)}"
-        return None
 
     def prepare(self, sample, rng, pool=None):
         sample["nlvr2_label"] = truth(sample[META]["label"])

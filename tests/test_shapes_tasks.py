@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from vlpt.data import shapes as S  # noqa: E402
+from vlpt.data import shapes_blind as B  # noqa: E402
 from vlpt.data import shapes_tasks as T  # noqa: E402
 
 #: items per split (train: seed 0, held-out: seed 1); a few thousand VQA questions for the statistics
@@ -238,7 +239,7 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError):
         T.write_shapes_task(tmp_path / "x", "vqa", 0, progress=False)
     with pytest.raises(ValueError, match="no blind baseline"):
-        T.blind_baseline("retrieval", [])
+        B.blind_baseline("retrieval", [])
     assert not (tmp_path / "x").exists()
 
 
@@ -420,8 +421,8 @@ def test_grounding_names_the_right_words_and_regions(splits):
 @pytest.mark.parametrize("task", ["vqa", "refexp", "nlvr2"])
 def test_text_alone_predicts_no_better_than_chance(splits, task):
     held, train = splits[task][1], splits[task][0]
-    fitted = T.blind_baseline(task, held, fit=train)
-    in_sample = T.blind_baseline(task, held)
+    fitted = B.blind_baseline(task, held, fit=train)
+    in_sample = B.blind_baseline(task, held)
     kinds = {"vqa": T.QUESTION_ANSWERS, "refexp": T.REFEXP_TYPES, "nlvr2": T.NLVR2_STATEMENTS}[task]
     assert set(fitted) == set(kinds) | {"all"}
     for kind, row in fitted.items():
@@ -459,10 +460,10 @@ def test_blind_baseline_sees_a_leak_when_there_is_one():
 
     leaky = fake(lambda text: text.split()[4])  # the answer is a word of the question
     fair = fake(lambda text: S.COLORS[rng.integers(len(S.COLORS))])
-    assert T.blind_baseline("vqa", leaky, fit=leaky)["color"]["accuracy"] == 1.0
-    row = T.blind_baseline("vqa", fair, fit=fake(lambda text: S.COLORS[rng.integers(len(S.COLORS))]))["color"]
+    assert B.blind_baseline("vqa", leaky, fit=leaky)["color"]["accuracy"] == 1.0
+    row = B.blind_baseline("vqa", fair, fit=fake(lambda text: S.COLORS[rng.integers(len(S.COLORS))]))["color"]
     assert row["chance"] == 1 / len(S.COLORS) and abs(row["accuracy"] - row["chance"]) < 0.06
-    in_sample = T.blind_baseline("vqa", leaky)["color"]
+    in_sample = B.blind_baseline("vqa", leaky)["color"]
     assert in_sample["accuracy"] == 1.0 > in_sample["uniform"]
 
 

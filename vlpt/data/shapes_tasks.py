@@ -9,7 +9,7 @@ of each region row) and, where a text names objects unambiguously, their groundi
 *   ``vqa`` -- a question with a closed answer vocabulary (:data:`QUESTION_ANSWERS`).  Its answer is
     drawn uniformly from its type's answers, the question text independently of it, and only then
     an image in which that answer is true: no question text tells its answer more often than
-    chance (:func:`blind_baseline` measures it).
+    chance (:func:`vlpt.data.shapes_blind.blind_baseline` measures it).
 *   ``refexp`` -- an expression that picks exactly one region, by attributes or by a relation to
     another, uniquely described object; ``target_region`` is its row (rows are in random order).
     A relation's scene has three objects, and its target is the farthest one in the relation's
@@ -32,21 +32,22 @@ take different seeds, and their images are then all different.
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
+from collections import Counter
 from itertools import combinations
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
 from .generated import atomic_folder, write_tar_shards
-from .shapes import (COLORS, FEATURE_DIM, NUM_CLASSES, RELATIONS, SHAPES, SIZES, VOCAB_WORDS, Box, check_write_arguments,
-                     class_index, describe_objects, jpeg_bytes, place_boxes, regions_npz, relation_of, render_objects,
-                     train_tokenizer)
+from .shapes import (Box, check_write_arguments, describe_objects, jpeg_bytes, place_boxes, regions_npz, relation_of,
+                     render_objects)
+from .shapes_vocab import (COLORS, FEATURE_DIM, NUM_CLASSES, RELATIONS, SHAPES, SIZES, VOCAB_WORDS, class_index,
+                           train_tokenizer)
 
 __all__ = [
     "TASKS", "TASK_WORDS", "ANSWER_VOCAB", "QUESTION_ANSWERS", "NLVR2_STATEMENTS", "REFEXP_TYPES",
-    "make_task_samples", "generate", "task_tokenizer", "write_shapes_task", "blind_baseline",
+    "make_task_samples", "generate", "task_tokenizer", "write_shapes_task",
 ]
 
 TASKS = ("vqa", "refexp", "nlvr2", "retrieval")
@@ -370,10 +371,7 @@ def _nlvr2(rng: np.random.Generator, key: str, image_size: int, seed: int) -> li
     for prefix, shown in zip(("", "2."), shows):
         # both kinds of image: the described sizes, laid out with the caption's relation between the
         # objects in its first two places, so that boxes alone never tell a shown caption from another
-        if shown:
-            specs = [(t._asdict(), None) for t in described]
-        else:
-            specs = [({"size": t.size}, None) for t in described]
+        specs = [(t._asdict() if shown else {"size": t.size}, None) for t in described]
 
         def valid(t, b, shown=shown):
             return relation_of(b[first], b[second]) == caption.relation and _shows(t, b, caption) == shown
@@ -471,68 +469,3 @@ def write_shapes_task(out_dir, task: str, samples: int, seed: int = 0, image_siz
         }
         (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
     return [str(Path(out_dir).absolute() / n) for n in names]
-
-
-# --------------------------------------------------------------------------- blind baselines
-
-#: per task: a sample's json -> (type, label, number of possible labels), for the text-only predictor
-_LABELS: dict[str, Callable[[dict], tuple[str, str, int]]] = {
-    "vqa": lambda m: (m["question_type"], max(m["answers"], key=m["answers"].get),
-                      len(QUESTION_ANSWERS[m["question_type"]])),
-    "nlvr2": lambda m: (m["statement_type"], str(m["label"]), 2),
-    "refexp": lambda m: (m["expression_type"], str(m["target_region"]), len(m["scene"])),
-}
-
-
-def _blind_items(task: str, samples: Iterable[dict]) -> list[tuple[str, str, str, int]]:
-    """(type, text, label, number of possible labels) of each raw sample."""
-    if task not in _LABELS:
-        raise ValueError(f"no blind baseline for task {task!r}: the labelled tasks are {', '.join(_LABELS)}")
-    labelled = [(_LABELS[task](json.loads(s["json"])), s["txt"]) for s in samples]
-    return [(t, x.decode() if isinstance(x, bytes) else x, label, c) for (t, label, c), x in labelled]
-
-
-def _text_only_accuracy(items: list[tuple], fit: list[tuple]) -> float:
-    """Accuracy on ``items`` of: answer each text with its most frequent label in ``fit`` (unseen
-    texts: the most frequent label of the type there)."""
-    seen: dict[tuple[str, str], Counter] = defaultdict(Counter)
-    for qtype, text, label, _ in fit:
-        seen["text", text][label] += 1
-        seen["type", qtype][label] += 1
-    guess = {key: max(sorted(c), key=c.get) for key, c in seen.items()}
-    hits = sum(guess.get(("text", x), guess.get(("type", t))) == label for t, x, label, _ in items)
-    return hits / max(len(items), 1)
-
-
-def _uniform_in_sample(items: list[tuple], reps: int = 100) -> float:
-    """What the in-sample text-only predictor scores on the same texts with labels drawn uniformly."""
-    rng = np.random.default_rng(0)
-    choices = np.array([c for *_, c in items])
-    total = 0.0
-    for _ in range(reps):
-        labels = (rng.random(len(items)) * choices).astype(int)
-        drawn = [(t, x, str(label), c) for (t, x, _, c), label in zip(items, labels)]
-        total += _text_only_accuracy(drawn, drawn)
-    return total / reps
-
-
-def blind_baseline(task: str, samples: Iterable[dict], fit: Iterable[dict] | None = None) -> dict[str, dict]:
-    """How well the text alone (question, expression, statement) predicts the label, per type and ``all``.
-
-    The predictor answers each distinct text with its most frequent label in ``fit`` (a train
-    split: the shortcut a model could learn) and is scored on ``samples`` (a held-out split).
-    Without ``fit`` it is fit on ``samples`` themselves, which flatters it (a text seen once is
-    always right), so ``uniform`` then reports what it would score on the same texts if every
-    label were drawn uniformly.  ``chance`` is the mean of 1 / (number of possible labels).
-    """
-    items = _blind_items(task, samples)
-    train = items if fit is None else _blind_items(task, fit)
-    out = {}
-    for qtype in sorted({t for t, *_ in items}) + ["all"]:
-        mine = [it for it in items if qtype in ("all", it[0])]
-        row = {"accuracy": _text_only_accuracy(mine, train), "samples": len(mine),
-               "texts": len({x for _, x, _, _ in mine}), "chance": float(np.mean([1 / c for *_, c in mine]))}
-        if fit is None:
-            row["uniform"] = _uniform_in_sample(mine)
-        out[qtype] = row
-    return out
