@@ -1,4 +1,5 @@
 """Recipes: extends, dotted overrides, and errors that exit 2 naming the key."""
+import shlex
 import subprocess
 import sys
 
@@ -54,6 +55,8 @@ def test_bad_keys_raise_naming_the_key(tmp_path, override, expected):
         ("model.init_from=/nonexistent/bert", "model.init_from"),
         ("tasks.mlm.objectives.mlmm=1", "unknown objective 'mlmm' (did you mean 'mlm'"),
         ("tasks.mlm.objectives.mlm={weight: 1, probb: 0.2}", "tasks.mlm.objectives.mlm.probb"),
+        ("tasks.mlm.objectives.mlm={weigth: 1}", "did you mean 'tasks.mlm.objectives.mlm.weight'"),
+        (f"model.init_from={REPO / 'README.md'}", "README.md' is a file; name the folder that holds it"),
         ("data.train.0.shapes=null", "data.train.0"),
         ("data.train.0.shards=/nonexistent/shard-{000..003}.tar", "data.train.0"),
     ],
@@ -95,3 +98,20 @@ def test_a_source_of_another_kind_replaces_the_one_it_extends(tmp_path):
     assert load_raw(child)["data"]["val"] == {"shards": "/data/val.tar"}
     child.write_text("extends: parent.yaml\ndata:\n  val: {shapes: {seed: 2}}\n")  # same kind: merged
     assert load_raw(child)["data"]["val"] == {"shapes": {"samples": 100, "seed": 2}, "weight": 2}
+
+
+def test_train_further_command_keeps_the_runs_overrides(tmp_path):
+    """The line printed when a run ends continues that run: the same recipe file and overrides (a
+    finetune started with model.init_from=null must not resume from the recipe's init), its folder."""
+    from vlpt.train.trainer import train_further_command
+
+    path = tiny_recipe(tmp_path)
+    r = load_recipe(path, ["model.init_from=null", "train.steps=5", f"output_dir={tmp_path}/my run", "train.lr=1e-4"])
+    line = train_further_command(r, r.output_dir)
+    assert line == (f"vlpt train {path} model.init_from=null train.lr=1e-4 'output_dir={tmp_path}/my run' "
+                    "train.steps=N")
+    words = shlex.split(line)
+    assert words[:3] == ["vlpt", "train", str(path)]
+    again = load_recipe(path, [w.replace("=N", "=9") for w in words[3:]])  # the command, as a shell would split it
+    assert (again.model.init_from, again.train.lr, again.output_dir, again.train.steps) == \
+        (None, 1e-4, f"{tmp_path}/my run", 9)

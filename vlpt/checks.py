@@ -18,6 +18,9 @@ def check_init_from(path: str) -> None:
     from .run_dir import RECIPE, WEIGHTS, has_weights
 
     p = Path(path).expanduser()
+    if p.is_file():
+        raise RecipeError(f"recipe key 'model.init_from': '{path}' is a file; name the folder that holds it "
+                          "(a Hugging Face checkpoint folder, a vlpt run or one of its checkpoints/step-N folders)")
     if not p.is_dir():
         raise RecipeError(f"recipe key 'model.init_from': folder '{path}' not found")
     if not ((p / "config.json").is_file() or (p / RECIPE).is_file() or has_weights(p)):

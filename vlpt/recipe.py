@@ -165,6 +165,8 @@ class Recipe:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     #: where the recipe was read from (not a recipe key)
     source: Optional[str] = field(default=None, metadata={"internal": True})
+    #: the command-line overrides applied to it, as given (not a recipe key)
+    overrides: list[str] = field(default_factory=list, metadata={"internal": True})
 
 
 # --------------------------------------------------------------------------------------
@@ -256,15 +258,16 @@ def convert(tp: Any, value: Any, path: str) -> Any:
     raise RecipeError(f"recipe key '{path}' must be {_type_name(tp)}, got {value!r}")
 
 
-def from_dict(cls: type, data: dict, path: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``; unknown keys raise with did-you-mean."""
+def from_dict(cls: type, data: dict, path: str = "", also: tuple[str, ...] = ()) -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys raise with did-you-mean (among ``cls``'s
+    fields and ``also``: keys valid at this place that the caller takes out before, e.g. ``weight``)."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
     kwargs = {}
     for key, value in data.items():
         key_path = f"{path}.{key}" if path else str(key)
         if key not in names:
-            raise RecipeError(f"unknown recipe key '{key_path}'{_suggest(path, key, names)}")
+            raise RecipeError(f"unknown recipe key '{key_path}'{_suggest(path, key, [*also, *names])}")
         kwargs[key] = convert(hints[key], value, key_path)
     return cls(**kwargs)
 
@@ -453,4 +456,5 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
     raw = merge(load_raw(path), parse_overrides(overrides))
     recipe = from_dict(Recipe, raw)
     recipe.source = str(path)
+    recipe.overrides = list(overrides)
     return recipe

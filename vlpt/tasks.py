@@ -92,7 +92,7 @@ def objective_spec(tname: str, oname: str, value: Any) -> ObjectiveSpec:
     if isinstance(value, dict):
         value = dict(value)
         weight = convert(float, value.pop("weight", 1.0), f"{path}.weight")
-        options = from_dict(cls.Options, value, path)
+        options = from_dict(cls.Options, value, path, also=("weight",))
     else:
         weight = convert(float, value, path)
         options = cls.Options()

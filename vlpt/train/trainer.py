@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import signal
+import shlex
 import sys
 import time
 from collections import Counter
@@ -489,8 +490,16 @@ class Trainer:
             shown = {k: round(v, 3) for k, v in result.items() if k != "step"}
             print("vlpt: eval " + json.dumps(shown), file=sys.stderr)
         print(f"vlpt: evaluate again: vlpt eval {self.out}\n"
-              f"vlpt: train further:  vlpt train {r.source or 'RECIPE'} output_dir={self.out} train.steps=N "
+              f"vlpt: train further:  {train_further_command(r, self.out)} "
               f"(resumes from the latest checkpoint)", file=sys.stderr)
+
+
+def train_further_command(recipe: Recipe, out) -> str:
+    """The ``vlpt train`` line that continues a run: its recipe file and the overrides it was started
+    with (the same model, data and init), its folder, and ``train.steps=N``."""
+    kept = [o for o in recipe.overrides if o.split("=", 1)[0].strip() not in ("output_dir", "train.steps")]
+    words = [recipe.source or "RECIPE", *kept, f"output_dir={out}", "train.steps=N"]
+    return "vlpt train " + " ".join(shlex.quote(w) if w != "train.steps=N" else w for w in words)
 
 
 def train(recipe: Recipe, resume: bool = True, force: bool = False) -> dict[str, float] | None:
