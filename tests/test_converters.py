@@ -357,3 +357,35 @@ def test_converter_help_and_bad_flag(name, capsys):
         tool.main(["--no-such-flag"])
     assert exc.value.code == 2
     assert one_line_error(capsys).startswith(f"{name}: error:")
+
+
+def test_converter_output_and_input_mistakes_are_one_line(tmp_path, vqa, capsys):
+    """--out a file (or under one), another conversion's folder, and ids or vocabulary indices of the
+    wrong type: one line and exit 2, nothing written."""
+    f = _vqa_files(tmp_path)
+    base = ["--questions", str(f["questions"]), "--annotations", str(f["annotations"]), "--images", str(f["images"]),
+            "--min-answer-count", "1", "--workers", "1", "--quiet"]
+    (tmp_path / "afile").write_text("x")
+    assert vqa.main(base + ["--out", str(tmp_path / "afile")]) == 2
+    assert "is a file, not a folder" in one_line_error(capsys)
+    assert vqa.main(base + ["--out", str(tmp_path / "afile" / "sub")]) == 2
+    assert "cannot create the --out folder" in one_line_error(capsys)
+
+    out = tmp_path / "out"
+    assert vqa.main(base + ["--out", str(out)]) == 0
+    capsys.readouterr()
+    before = sorted(p.name for p in out.iterdir())
+    assert vqa.main(base + ["--out", str(out), "--prefix", "other"]) == 2  # would pass vqa-* off as its own
+    assert "another conversion ('vqa-*.tar'" in one_line_error(capsys)
+    assert sorted(p.name for p in out.iterdir()) == before
+
+    questions = json.loads(f["questions"].read_text())
+    questions["questions"][0]["image_id"] = "1"
+    (tmp_path / "q_str.json").write_text(json.dumps(questions))
+    args = base + ["--out", str(tmp_path / "x")]
+    args[args.index(str(f["questions"]))] = str(tmp_path / "q_str.json")
+    assert vqa.main(args) == 2
+    assert "question 0 has image_id '1'" in one_line_error(capsys)
+    (tmp_path / "mixed.json").write_text(json.dumps({"red": 0, "2": "1"}))
+    assert vqa.main(base + ["--out", str(tmp_path / "y"), "--answer-vocab", str(tmp_path / "mixed.json")]) == 2
+    assert "must be 0..N-1" in one_line_error(capsys)

@@ -158,6 +158,9 @@ def read_questions(path: Path) -> tuple[list[dict], str | None]:
     for i, q in enumerate(data["questions"]):
         if not isinstance(q, dict) or not {"question_id", "image_id", "question"} <= set(q):
             raise UserError(f"'{path}': question {i} lacks 'question_id', 'image_id' or 'question'")
+        for key in ("question_id", "image_id"):  # VQA v2 writes both as integers
+            if isinstance(q[key], bool) or not isinstance(q[key], int):
+                raise UserError(f"'{path}': question {i} has {key} {q[key]!r}; VQA v2 ids are integers")
     return data["questions"], data.get("data_subtype")
 
 
@@ -170,6 +173,8 @@ def read_annotations(path: Path) -> dict:
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or "question_id" not in ann or not isinstance(ann.get("answers"), list):
             raise UserError(f"'{path}': annotation {i} lacks 'question_id' or an 'answers' list")
+        if isinstance(ann["question_id"], bool) or not isinstance(ann["question_id"], int):
+            raise UserError(f"'{path}': annotation {i} has question_id {ann['question_id']!r}; VQA v2 ids are integers")
         out[ann["question_id"]] = ann
     return out
 
@@ -190,7 +195,9 @@ def build_vocab(annotation_sets: list[dict], min_count: int) -> list[str]:
 def read_vocab(path: Path) -> list[str]:
     data = read_json_file(path, "answer vocabulary")
     if isinstance(data, dict):  # {answer: index}, e.g. UNITER's ans2label.json
-        if sorted(data.values()) != list(range(len(data))):
+        indices = list(data.values())
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in indices) or \
+                sorted(indices) != list(range(len(data))):
             raise UserError(f"answer vocabulary '{path}': the indices of an {{answer: index}} object must be "
                             "0..N-1, each once")
         data = sorted(data, key=data.get)

@@ -294,6 +294,10 @@ def _prepare_folder(out: Path, prefix: str, fp: str, overwrite: bool) -> dict:
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     except json.JSONDecodeError:
         info = {}
+    other = (info.get("settings") or {}).get("prefix")
+    if other is not None and other != prefix and any(out.glob(f"{other}-*.tar")):
+        raise UserError(f"'{out}' already holds the shards of another conversion ('{other}-*.tar', described by "
+                        "its info.json); write each conversion to a folder of its own")
     existing = sorted(p.name for p in out.glob(f"{prefix}-*.tar"))
     if existing and info.get("fingerprint") != fp:
         if not overwrite:
@@ -304,7 +308,8 @@ def _prepare_folder(out: Path, prefix: str, fp: str, overwrite: bool) -> dict:
         info = {}
     for stale in out.glob(f".{prefix}-*.tar.tmp-*"):  # left by an interrupted run
         stale.unlink(missing_ok=True)
-    return {n: s for n, s in (info.get("shard_stats") or {}).items() if (out / n).is_file()}
+    return {n: s for n, s in (info.get("shard_stats") or {}).items()
+            if n.startswith(f"{prefix}-") and (out / n).is_file()}
 
 
 def _totals(stats: list[dict]) -> dict:
@@ -335,7 +340,12 @@ def write_shards(rows: list[dict], write_row: Callable[[ShardSink, dict, Any], N
                  out: Path, prog: str, prefix: str, shard_size: int, settings: dict, workers: int = 1,
                  quiet: bool = False, overwrite: bool = False, info_extra: dict | None = None) -> dict:
     """Write (or complete) the shards of ``rows`` in ``out``; returns ``info.json``'s content."""
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the --out folder '{out}': {e.strerror}") from None
     settings = {**settings, "shard_size": shard_size, "prefix": prefix}
     fp = fingerprint(settings, rows)
     done = _prepare_folder(out, prefix, fp, overwrite)
