@@ -12,7 +12,8 @@ Input, as https://github.com/necla-ml/SNLI-VE builds it:
 One sample per pair:
 
 * ``__key__``  the ``pairID`` with every character other than letters, digits, ``_`` and ``-``
-               replaced by ``_`` (``3416050480_jpg_4r1n``)
+               replaced by ``_`` (``3416050480_jpg_4r1n``); a line without ``pairID`` gets
+               ``line<N>`` (its line number) as its pair id
 * ``txt``      the hypothesis (``sentence2``)
 * ``jpg``      the premise image (JPEG copied byte for byte; ``--resize`` as in captions_to_shards)
 * ``json``     ``pair_id`` (as given), ``image_id`` (the Flickr30K id), ``label``: entailment,

@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder of the COCO images")
     p.add_argument("--image-pattern", default=None,
                    help="image file name from the image id, e.g. 'COCO_val2014_%%012d.jpg' (default: "
-                        "COCO_<data_subtype>_%%012d.jpg from the questions file)")
+                        "COCO_<data_subtype>_%%012d.jpg from the questions file; train2014 when it names none)")
     p.add_argument("--answer-vocab", default=None, metavar="FILE",
                    help="answer vocabulary to use: a JSON list, or an {answer: index} object")
     p.add_argument("--vocab-annotations", nargs="+", default=None, metavar="FILE",
