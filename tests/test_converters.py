@@ -385,7 +385,19 @@ def test_converter_output_and_input_mistakes_are_one_line(tmp_path, vqa, capsys)
     args = base + ["--out", str(tmp_path / "x")]
     args[args.index(str(f["questions"]))] = str(tmp_path / "q_str.json")
     assert vqa.main(args) == 2
-    assert "question 0 has image_id '1'" in one_line_error(capsys)
+    assert "image_id '1' is a string, and --image-pattern 'COCO_train2014_%012d.jpg' formats integers" in \
+        one_line_error(capsys)
+    for q in questions["questions"]:  # string ids (other VQA-style sets) with a pattern for them
+        q["image_id"] = f"COCO_train2014_{q['image_id']:012d}" if isinstance(q["image_id"], int) else \
+            "COCO_train2014_000000000001"
+    (tmp_path / "q_str.json").write_text(json.dumps(questions))
+    assert vqa.main(args + ["--image-pattern", "{image_id}.jpg"]) == 0
+    capsys.readouterr()
+    assert meta(samples_of(tmp_path / "x")["10"])["image_id"] == "COCO_train2014_000000000001"
+    questions["questions"][0]["image_id"] = [1]
+    (tmp_path / "q_str.json").write_text(json.dumps(questions))
+    assert vqa.main(args + ["--overwrite"]) == 2
+    assert "question 0 has image_id [1]; ids are integers or strings" in one_line_error(capsys)
     (tmp_path / "mixed.json").write_text(json.dumps({"red": 0, "2": "1"}))
     assert vqa.main(base + ["--out", str(tmp_path / "y"), "--answer-vocab", str(tmp_path / "mixed.json")]) == 2
     assert "must be 0..N-1" in one_line_error(capsys)

@@ -158,9 +158,9 @@ def read_questions(path: Path) -> tuple[list[dict], str | None]:
     for i, q in enumerate(data["questions"]):
         if not isinstance(q, dict) or not {"question_id", "image_id", "question"} <= set(q):
             raise UserError(f"'{path}': question {i} lacks 'question_id', 'image_id' or 'question'")
-        for key in ("question_id", "image_id"):  # VQA v2 writes both as integers
-            if isinstance(q[key], bool) or not isinstance(q[key], int):
-                raise UserError(f"'{path}': question {i} has {key} {q[key]!r}; VQA v2 ids are integers")
+        for key in ("question_id", "image_id"):  # VQA v2 writes integers; other VQA-style sets strings
+            if isinstance(q[key], bool) or not isinstance(q[key], (int, str)):
+                raise UserError(f"'{path}': question {i} has {key} {q[key]!r}; ids are integers or strings")
     return data["questions"], data.get("data_subtype")
 
 
@@ -173,8 +173,9 @@ def read_annotations(path: Path) -> dict:
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or "question_id" not in ann or not isinstance(ann.get("answers"), list):
             raise UserError(f"'{path}': annotation {i} lacks 'question_id' or an 'answers' list")
-        if isinstance(ann["question_id"], bool) or not isinstance(ann["question_id"], int):
-            raise UserError(f"'{path}': annotation {i} has question_id {ann['question_id']!r}; VQA v2 ids are integers")
+        if isinstance(ann["question_id"], bool) or not isinstance(ann["question_id"], (int, str)):
+            raise UserError(f"'{path}': annotation {i} has question_id {ann['question_id']!r}; ids are integers "
+                            "or strings")
         out[ann["question_id"]] = ann
     return out
 
@@ -208,11 +209,14 @@ def read_vocab(path: Path) -> list[str]:
     return data
 
 
-def image_name(pattern: str, image_id: int) -> str:
+def image_name(pattern: str, image_id: int | str) -> str:
     """The image file name of ``image_id`` from a printf (``%012d``) or format (``{image_id:012d}``) pattern."""
     try:
         return pattern % image_id if "%" in pattern else pattern.format(image_id=image_id)
     except (TypeError, ValueError, KeyError, IndexError):
+        if isinstance(image_id, str):
+            raise UserError(f"image_id {image_id!r} is a string, and --image-pattern '{pattern}' formats integers; "
+                            "pass a pattern for string ids, e.g. '{image_id}.jpg'") from None
         raise UserError(f"--image-pattern '{pattern}' does not format an image id (use %012d or "
                         "{image_id:012d})") from None
 
