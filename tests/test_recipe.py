@@ -115,3 +115,26 @@ def test_train_further_command_keeps_the_runs_overrides(tmp_path):
     again = load_recipe(path, [w.replace("=N", "=9") for w in words[3:]])  # the command, as a shell would split it
     assert (again.model.init_from, again.train.lr, again.output_dir, again.train.steps) == \
         (None, 1e-4, f"{tmp_path}/my run", 9)
+
+
+def test_resuming_a_run_with_another_model_is_one_line(tmp_path):
+    """A run folder resumed with a recipe whose model has other weights (a task dropped, another size):
+    one line naming a mismatched weight and exit 2, not torch's list of keys."""
+    path = tiny_recipe(tmp_path)
+    assert _vlpt("train", str(path)).returncode == 0
+    for override, expected in (("tasks.itm=null", "2 the checkpoint has and this recipe's model lacks (e.g. "
+                                                  "objectives.itm.head."),
+                               ("model.ffn_size=96", "of other shapes (e.g. vl.trunk.layers.0.ffn_in.weight")):
+        res = _vlpt("train", str(path), "train.steps=5", override)
+        assert res.returncode == 2, res.stderr
+        assert "holds another model than this recipe builds" in res.stderr and expected in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) <= 2, res.stderr
+
+
+def test_which_changed_keys_change_a_models_weights():
+    from vlpt.sweep.state import changes_weights
+
+    assert [k for k in ("model.hidden_size", "tasks.itm", "tasks.itm.objectives", "tasks.itm.objectives.wra",
+                        "model.image_backbone.name") if not changes_weights(k)] == []
+    assert [k for k in ("train.lr", "tasks.itm.weight", "tasks.itm.objectives.itm.neg_prob", "model.dropout",
+                        "data.batch_size") if changes_weights(k)] == []

@@ -94,7 +94,9 @@ def run_variant(v: Variant, head: str) -> bool:
     for stage in v.stages:
         if stage.finished():
             continue
-        write_recipe(stage)
+        if not write_recipe(stage):
+            print(f"{head}: {stage.label} FAILED (cannot resume)", file=sys.stderr)
+            return False
         print(f"{head}: {stage.label} ({stage_state(stage)}) -> {stage.run_dir}", file=sys.stderr)
         t0 = time.time()
         ok = run_stage(stage)
@@ -110,6 +112,8 @@ def run_local(sweep: Sweep, variants: list[Variant]) -> int:
     for i, v in enumerate(variants):
         head = f"vlpt sweep: [{i + 1}/{len(variants)}] {v.name}"
         if variant_state(v) == "finished":
+            for stage in v.stages:
+                write_recipe(stage)  # only a note when the recipe changed since: a finished run is kept
             print(f"{head}: finished, skipped", file=sys.stderr)
         elif not run_variant(v, head):
             failed.append(v.name)

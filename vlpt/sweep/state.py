@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from ..init_from import SIZE_KEYS
 from ..recipe import to_dict
 from .spec import Stage, Variant
 
@@ -29,9 +30,23 @@ def variant_state(v: Variant) -> str:
     return "finished"
 
 
-def write_recipe(stage: Stage) -> None:
+#: recipe keys whose change gives a model of other weights: a checkpoint of the old one cannot resume
+WEIGHT_KEYS = tuple(f"model.{k}" for k in SIZE_KEYS) + ("model.init_heads",)
+
+
+def changes_weights(key: str) -> bool:
+    """Whether a changed recipe key adds or removes weights: a model size, or a task or objective
+    added or removed (``tasks.<t>``, ``tasks.<t>.objectives``, ``tasks.<t>.objectives.<o>``)."""
+    parts = key.split(".")
+    if parts[0] == "tasks":
+        return len(parts) <= 2 or (parts[2] == "objectives" and len(parts) <= 4)
+    return key in WEIGHT_KEYS or any(key.startswith(k + ".") for k in WEIGHT_KEYS)
+
+
+def write_recipe(stage: Stage) -> bool:
     """The resolved recipe into the stage's folder; a note when it differs from the one a run used
-    (a finished run keeps the recipe it really used)."""
+    (a finished run keeps the recipe it really used). False when the stage cannot run: an unfinished
+    run whose checkpoint holds another model than the new recipe builds."""
     run = stage.run
     run.path.mkdir(parents=True, exist_ok=True)
     new = to_dict(stage.recipe)
@@ -43,13 +58,17 @@ def write_recipe(stage: Stage) -> None:
         changed = changed_keys(old, new)
         if changed:
             what = ", ".join(changed[:5]) + (" …" if len(changed) > 5 else "")
-            finished = stage.finished()
-            print(f"vlpt sweep: note: {run.path} was started with another recipe (changed: {what}); "
-                  "it resumes from its checkpoint" + (" — but it is finished: delete the folder to run it again"
-                                                      if finished else ""), file=sys.stderr)
-            if finished:
-                return
+            head = f"vlpt sweep: note: {run.path} was started with another recipe (changed: {what})"
+            if stage.finished():
+                print(f"{head}; it is finished: delete the folder to run it again", file=sys.stderr)
+                return True
+            if any(changes_weights(k) for k in changed):
+                print(f"{head}; its checkpoint holds another model, so it cannot resume: delete the folder to "
+                      "run it with this recipe, or restore the recipe", file=sys.stderr)
+                return False
+            print(f"{head}; it resumes from its checkpoint", file=sys.stderr)
     run.recipe.write_text(yaml.safe_dump(new, sort_keys=False))
+    return True
 
 
 def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:

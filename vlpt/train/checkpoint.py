@@ -158,7 +158,32 @@ def read_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_model_weights(model: torch.nn.Module, ckpt: str | Path, strict: bool = True) -> None:
-    model.load_state_dict(read_weights(ckpt), strict=strict)
+    """The checkpoint's weights into ``model``; with ``strict``, a checkpoint of another model (other
+    sizes, other tasks or objectives: the recipe changed since it was saved) is one line, not torch's
+    list of every key."""
+    weights = read_weights(ckpt)
+    if strict:
+        check_same_model(model.state_dict(), weights, ckpt)
+    model.load_state_dict(weights, strict=strict)
+
+
+def check_same_model(own: dict, weights: dict, ckpt: str | Path) -> None:
+    wrong = [k for k in own if k in weights and tuple(own[k].shape) != tuple(weights[k].shape)]
+    missing = [k for k in own if k not in weights]
+    extra = [k for k in weights if k not in own]
+    if not (wrong or missing or extra):
+        return
+    parts = []
+    if wrong:
+        k = wrong[0]
+        parts.append(f"{len(wrong)} weight(s) of other shapes (e.g. {k}: {tuple(weights[k].shape)} saved, "
+                     f"{tuple(own[k].shape)} now)")
+    if missing:
+        parts.append(f"{len(missing)} this recipe's model has and the checkpoint lacks (e.g. {missing[0]})")
+    if extra:
+        parts.append(f"{len(extra)} the checkpoint has and this recipe's model lacks (e.g. {extra[0]})")
+    raise UserError(f"checkpoint '{ckpt}' holds another model than this recipe builds: {'; '.join(parts)}. "
+                    "Use the recipe it was trained with (model sizes, tasks and objectives), or another output_dir")
 
 
 def load_trainer_state(ckpt: str | Path) -> dict | None:
