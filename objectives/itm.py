@@ -122,6 +122,12 @@ class ImageTextMatching(Objective):
         return ("itc_similarity",) if options.negatives == "hard" else ()
 
     @classmethod
+    def check_task(cls, options, task):
+        if not 0.0 <= options.neg_prob <= 1.0:
+            return f"neg_prob is a probability (0 to 1), got {options.neg_prob}"
+        return None
+
+    @classmethod
     def swaps_images(cls, options):
         return options.negatives == "random" and options.neg_prob > 0
 

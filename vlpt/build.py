@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import check_files
+from .checks import check_files, check_values
 from .data.collate import Collator
 from .data.samples import DecodeSettings
 from .data.sources import default_tokenizer_path
@@ -38,6 +38,7 @@ class Built:
 
 def validate(recipe: Recipe, data: bool = True) -> list[TaskSpec]:
     """Every check that needs no heavy work: files (``data=False``: not the data), objectives, tasks."""
+    check_values(recipe)
     check_files(recipe, data=data)
     return resolve_tasks(recipe)
 

@@ -56,3 +56,41 @@ def check_files(recipe: Recipe, data: bool = True) -> None:
                 expand_shards(src.shards)
             except UserError as e:
                 raise RecipeError(f"recipe key '{path}.shards': {e} (pattern '{src.shards}')") from None
+
+
+#: the least value each numeric recipe key can take (None values of optional keys are not checked)
+MINIMUM = {
+    "model.hidden_size": 1, "model.layers": 1, "model.heads": 1, "model.ffn_size": 1, "model.max_positions": 1,
+    "model.region_feature_dim": 1, "model.vocab_size": 1,
+    "data.batch_tokens": 1, "data.batch_size": 1, "data.bucket_size": 1, "data.size_multiple": 1,
+    "data.max_text_len": 1, "data.max_regions": 1, "data.num_workers": 0, "data.shuffle_buffer": 0,
+    "train.steps": 1, "train.warmup": 0, "train.accumulate": 1, "train.threads": 1, "train.max_bad_steps": 1,
+    "train.lr": 0.0, "train.weight_decay": 0.0,
+    "eval.every": 1, "eval.samples": 0, "eval.retrieval_candidates": 0, "eval.batch_size": 1,
+    "log.every": 1, "checkpoint.every": 1, "checkpoint.keep": 1, "checkpoint.keep_every": 1,
+}
+#: keys that are probabilities or fractions
+UNIT_INTERVAL = ("model.dropout", "data.max_bad_fraction")
+
+
+def check_values(recipe: Recipe) -> None:
+    """Numbers a run cannot use (a batch of 0 samples, log every 0 steps, a hidden size the heads do
+    not divide): one line before anything is built, not an error deep inside training."""
+    def value(key: str):
+        obj = recipe
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    for key, least in MINIMUM.items():
+        v = value(key)
+        if v is not None and not isinstance(v, bool) and v < least:
+            raise RecipeError(f"recipe key '{key}' must be at least {least}, got {v}")
+    for key in UNIT_INTERVAL:
+        v = value(key)
+        if not 0.0 <= v <= 1.0:
+            raise RecipeError(f"recipe key '{key}' must be between 0 and 1, got {v}")
+    m = recipe.model
+    if m.init_from is None and m.hidden_size % m.heads:  # an init checkpoint brings its own sizes
+        raise RecipeError(f"recipe keys 'model.hidden_size' ({m.hidden_size}) and 'model.heads' ({m.heads}): "
+                          "the hidden size must be a multiple of the number of heads")
