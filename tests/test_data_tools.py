@@ -426,3 +426,42 @@ def test_bench_data_prints_pipeline_and_step_rates(tmp_path, capsys):
     assert [p["workers_per_task"] for p in r["pipeline"]] == [0, 1]
     assert all(p["samples_per_s"] > 0 for p in r["pipeline"]) and r["step"]["samples_per_s"] > 0
     assert bench.main([str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_data_commands_and_export_refuse_mistakes_in_one_line(tmp_path, capsys):
+    """`vlpt data shapes|tokenizer` and `vlpt export` on values or paths they cannot use: one line,
+    exit 2 (were ValueError, FileExistsError, OverflowError tracebacks, or a 1-caption tokenizer)."""
+    from vlpt.cli import main as vlpt_main
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    shards = tmp_path / "shapes"
+    assert vlpt_main(["data", "shapes", "--out", str(shards), "--samples", "20", "--shard-size", "10"]) == 0
+    capsys.readouterr()
+    cases = [
+        (["data", "shapes", "--out", str(tmp_path / "s"), "--samples", "-5"], "--samples must be >= 1, got -5"),
+        (["data", "shapes", "--out", str(tmp_path / "s"), "--shard-size", "0"], "--shard-size must be >= 1"),
+        (["data", "shapes", "--out", str(afile)], "is a file, not a folder"),
+        (["data", "shapes", "--out", str(tmp_path / "other"), "--samples", "5"], "holds other files than a shapes"),
+        (["data", "tokenizer", str(shards), "--out", str(tmp_path / "other")], "is a folder; name the tokenizer file"),
+        (["data", "tokenizer", str(shards), "--out", str(tmp_path / "t.json"), "--vocab-size", "-1"],
+         "--vocab-size must be more than the 5 special tokens, got -1"),
+        (["data", "tokenizer", str(shards), "--out", str(tmp_path / "t.json"), "--limit", "0"],
+         "--limit must be at least 1, got 0"),
+        (["export", str(tmp_path / "norun"), str(afile)], "is a file; name a folder to export into"),
+    ]
+    for argv, expected in cases:
+        assert vlpt_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert expected in err and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine" and not (tmp_path / "t.json").exists()
+    syn = _tool("synthetic_shards")
+    for argv, expected in (([], "is a file, not a folder"), (["--regions", "5-2"], "1 <= MIN <= MAX, got '5-2'"),
+                           (["--samples", "0"], "--samples must be at least 1, got 0")):
+        out = afile if not argv else tmp_path / "syn"
+        assert syn.main(["--out", str(out), *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert expected in err and err.count("\n") == 1, (argv, err)
+    assert not (tmp_path / "syn").exists()

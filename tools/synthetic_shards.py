@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from vlpt.data.samples import npz_bytes
-from vlpt.errors import tool_parser
+from vlpt.errors import UserError, run_command, tool_parser
 
 
 def build_tokenizer(vocab_size: int):
@@ -50,15 +50,36 @@ def main(argv=None) -> int:
     p.add_argument("--caption-words", default="8-30", help="words per caption, MIN-MAX")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    return run_command("synthetic_shards", write, args)
 
+
+def span(flag: str, text: str, least: int) -> tuple[int, int]:
+    """``MIN-MAX`` of a flag, both at least ``least`` and MIN <= MAX."""
+    try:
+        low, high = (int(x) for x in text.split("-"))
+    except ValueError:
+        raise UserError(f"{flag} must be MIN-MAX (e.g. 10-100), got '{text}'") from None
+    if not least <= low <= high:
+        raise UserError(f"{flag} must be MIN-MAX with {least} <= MIN <= MAX, got '{text}'")
+    return low, high
+
+
+def write(args) -> int:
     import webdataset as wds
     from tqdm import tqdm
 
+    for flag, value, least in (("--samples", args.samples, 1), ("--shard-size", args.shard_size, 1),
+                               ("--feature-dim", args.feature_dim, 1), ("--classes", args.classes, 0),
+                               ("--vocab-size", args.vocab_size, 6)):
+        if value < least:
+            raise UserError(f"{flag} must be at least {least}, got {value}")
+    rmin, rmax = span("--regions", args.regions, 1)
+    wmin, wmax = span("--caption-words", args.caption_words, 1)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     build_tokenizer(args.vocab_size).save(str(out / "tokenizer.json"))
-    rmin, rmax = (int(x) for x in args.regions.split("-"))
-    wmin, wmax = (int(x) for x in args.caption_words.split("-"))
     rng = np.random.default_rng(args.seed)
     n_shards = (args.samples + args.shard_size - 1) // args.shard_size
     with tqdm(total=args.samples, desc="synthetic shards", unit="sample") as bar:

@@ -62,14 +62,31 @@ def _eval(args) -> int:
 def _export(args) -> int:
     from .evaluate_run import export_run
 
+    from .errors import UserError
+
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise UserError(f"'{args.out_dir}' is a file; name a folder to export into")
     export_run(args.run, args.out_dir)
     return 0
 
 
 def _data_shapes(args) -> int:
-    from .data.shapes import write_shapes
+    from .data.shapes import check_write_arguments, write_shapes
+    from .errors import UserError
 
-    paths = write_shapes(args.out, args.samples, seed=args.seed, shard_size=args.shard_size, image_size=args.image_size)
+    try:
+        check_write_arguments(args.samples, args.shard_size, args.image_size)
+    except ValueError as e:  # the library's error, in the command's words
+        raise UserError(str(e).replace("samples must", "--samples must").replace("shard_size must", "--shard-size must")
+                        .replace("image_size must", "--image-size must")) from None
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file, not a folder")
+    try:
+            paths = write_shapes(args.out, args.samples, seed=args.seed, shard_size=args.shard_size,
+                             image_size=args.image_size)
+    except FileExistsError:
+        raise UserError(f"--out '{out}' holds other files than a shapes data set; choose another folder") from None
     print(f"wrote {args.samples} samples in {len(paths)} shard(s) and tokenizer.json to {args.out}")
     return 0
 

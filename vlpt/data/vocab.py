@@ -87,12 +87,18 @@ def main(args) -> int:
     from ..errors import UserError
     from .inspect import expand
 
+    if args.vocab_size < len(SPECIAL_TOKENS) + 1:
+        raise UserError(f"--vocab-size must be more than the {len(SPECIAL_TOKENS)} special tokens, got {args.vocab_size}")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be at least 1, got {args.limit}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out '{out}' is a folder; name the tokenizer file, e.g. {out / 'tokenizer.json'}")
     urls = expand(args.shards)
     captions = [c for c in shard_captions(urls, args.limit, progress=not args.quiet) if c]
     if not captions:
         raise UserError(f"no captions (txt members) in {len(urls)} shard(s): nothing to learn a vocabulary from")
     tok = wordpiece_tokenizer(captions, args.vocab_size, lowercase=not args.cased)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(out))
     print(f"wrote {out}: {tok.get_vocab_size()} word pieces from {len(captions)} captions of {len(urls)} shard(s); "

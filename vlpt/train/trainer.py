@@ -489,8 +489,9 @@ class Trainer:
         if result:
             shown = {k: round(v, 3) for k, v in result.items() if k != "step"}
             print("vlpt: eval " + json.dumps(shown), file=sys.stderr)
-        print(f"vlpt: evaluate again: vlpt eval {self.out}\n"
-              f"vlpt: train further:  {train_further_command(r, self.out)} "
+        if r.data.val is not None:
+            print(f"vlpt: evaluate again: vlpt eval {shlex.quote(str(self.out))}", file=sys.stderr)
+        print(f"vlpt: train further:  {train_further_command(r, self.out)} "
               f"(resumes from the latest checkpoint)", file=sys.stderr)
 
 
