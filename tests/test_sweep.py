@@ -294,6 +294,11 @@ def test_rerun_skips_finished_variants(local_sweep):
     assert rc == 0, stderr
     assert stderr.count("finished, skipped") == 2 and "vlpt: starting" not in stdout + stderr
     assert [f.stat().st_mtime_ns for f in files] == before
+    recipes = {p: p.read_text() for p in out.glob("*/recipe.yaml")}
+    rc, _, stderr = _cli("sweep", str(path), "train.lr=0.123")  # changed since: skipped, with a note, untouched
+    assert rc == 0 and stderr.count("finished, skipped") == 2, stderr
+    assert stderr.count("(changed: train.lr); it is finished: delete the folder to run it again") == 2, stderr
+    assert {p: p.read_text() for p in out.glob("*/recipe.yaml")} == recipes and len(recipes) == 2
     rc, stdout, _ = _cli("sweep", str(path), "--dry-run")
     assert rc == 0 and "would train 0 variant(s)" in stdout and "+ downstream/cap + downstream/match" in stdout
 

@@ -231,6 +231,8 @@ def locate(path: str | Path, checkpoint: str | Path | None = None) -> tuple[RunD
     if is_checkpoint(p):
         return RunDir(p.parent.parent), p
     run = RunDir(p)
+    if not p.exists():
+        raise UserError(f"'{path}' not found")
     if not run.recipe.is_file():
         raise UserError(f"'{path}' is neither a run folder (no {RECIPE}) nor a checkpoint folder")
     if checkpoint is not None:

@@ -234,7 +234,10 @@ def _read_sweep_file(path: Path) -> dict:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise UserError(f"sweep file '{path}' is not valid YAML: {getattr(e, 'problem', e)}") from None
-    data = mapping(data, str(path))
+    data = {} if data is None else data  # an empty file: its missing keys are named below
+    if not isinstance(data, dict):
+        raise UserError(f"sweep file '{path}' must be a mapping of sweep keys (base, output_dir, variants, ...), "
+                        f"got {type(data).__name__}")
     check_keys(data, SWEEP_KEYS, "")
     for key, what in (("base", "the recipe every variant starts from"), ("output_dir", "the sweep's folder")):
         if not data.get(key):
@@ -271,7 +274,8 @@ def load_sweep(path: str | Path, check_data: bool = True, cli_overrides: list[st
     here = path.parent
     base_path = resolve_path(data["base"], here)
     if not base_path.is_file():
-        raise UserError(f"sweep key 'base': recipe '{data['base']}' not found (looked in {here})")
+        raise UserError(f"sweep key 'base': recipe '{data['base']}' not found"
+                        + ("" if Path(data["base"]).expanduser().is_absolute() else f" (looked in {here})"))
     given = parse_overrides(cli_overrides)
     extra = dict(given)
     out_dir = Path(os.path.expanduser(str(extra.pop("output_dir", data["output_dir"]))))

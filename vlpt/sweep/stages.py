@@ -46,7 +46,8 @@ def _spec(label: str, section: dict, where: str, allowed: tuple, here: Path, bas
     check_keys(section, allowed, where)
     recipe_path = resolve_path(section["recipe"], here) if section.get("recipe") else base_path
     if not recipe_path.is_file():
-        raise UserError(f"sweep key '{where}.recipe': recipe '{section['recipe']}' not found (looked in {here})")
+        raise UserError(f"sweep key '{where}.recipe': recipe '{section['recipe']}' not found"
+                        + ("" if Path(section["recipe"]).expanduser().is_absolute() else f" (looked in {here})"))
     raw = apply(load_recipe_raw(recipe_path, f"{where}.recipe"), mapping(section.get("overrides"), f"{where}.overrides"),
                 f"sweep key '{where}.overrides'")
     carry = section.get("carry", "encoder")

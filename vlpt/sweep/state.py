@@ -50,7 +50,8 @@ def write_recipe(stage: Stage) -> bool:
     run = stage.run
     run.path.mkdir(parents=True, exist_ok=True)
     new = to_dict(stage.recipe)
-    if run.recipe.is_file() and run.latest_step() is not None:
+    finished = stage.finished()
+    if run.recipe.is_file() and (finished or run.latest_step() is not None):
         try:
             old = yaml.safe_load(run.recipe.read_text()) or {}
         except yaml.YAMLError:
@@ -59,14 +60,16 @@ def write_recipe(stage: Stage) -> bool:
         if changed:
             what = ", ".join(changed[:5]) + (" …" if len(changed) > 5 else "")
             head = f"vlpt sweep: note: {run.path} was started with another recipe (changed: {what})"
-            if stage.finished():
+            if finished:
                 print(f"{head}; it is finished: delete the folder to run it again", file=sys.stderr)
-                return True
-            if any(changes_weights(k) for k in changed):
+            elif any(changes_weights(k) for k in changed):
                 print(f"{head}; its checkpoint holds another model, so it cannot resume: delete the folder to "
                       "run it with this recipe, or restore the recipe", file=sys.stderr)
                 return False
-            print(f"{head}; it resumes from its checkpoint", file=sys.stderr)
+            else:
+                print(f"{head}; it resumes from its checkpoint", file=sys.stderr)
+    if finished:
+        return True  # a finished run keeps the recipe it really used
     run.recipe.write_text(yaml.safe_dump(new, sort_keys=False))
     return True
 
