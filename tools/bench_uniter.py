@@ -383,3 +383,9 @@ def run(args) -> int:
         print(json.dumps({"checks": checks, "ms_per_step": ms, "cpu_ms_per_step": timed["cpu"], "ok": ok,
                           "threads": torch.get_num_threads(), "uniter_optimizer": args.uniter_optimizer}))
     return 0 if ok else 1
+
+
+if __name__ == "__main__":  # a library module: the side-by-side runs through bench.py
+    print("bench_uniter.py is the library behind the UNITER side-by-side; run it as\n"
+          "  python tools/bench.py --uniter PATH/TO/UNITER   (see python tools/bench.py --help)", file=sys.stderr)
+    sys.exit(2)
