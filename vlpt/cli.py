@@ -60,9 +60,8 @@ def _eval(args) -> int:
 
 
 def _export(args) -> int:
-    from .evaluate_run import export_run
-
     from .errors import UserError
+    from .evaluate_run import export_run
 
     if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
         raise UserError(f"'{args.out_dir}' is a file; name a folder to export into")
@@ -83,7 +82,7 @@ def _data_shapes(args) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' is a file, not a folder")
     try:
-            paths = write_shapes(args.out, args.samples, seed=args.seed, shard_size=args.shard_size,
+        paths = write_shapes(args.out, args.samples, seed=args.seed, shard_size=args.shard_size,
                              image_size=args.image_size)
     except FileExistsError:
         raise UserError(f"--out '{out}' holds other files than a shapes data set; choose another folder") from None

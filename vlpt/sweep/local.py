@@ -118,7 +118,8 @@ def run_local(sweep: Sweep, variants: list[Variant]) -> int:
         elif not run_variant(v, head):
             failed.append(v.name)
     print(f"vlpt sweep: {len(variants) - len(failed)} of {len(variants)} variant(s) finished "
-          f"({hms(time.time() - t_sweep)} this time); compare them: vlpt report {shlex.quote(str(sweep.output_dir))}", file=sys.stderr)
+          f"({hms(time.time() - t_sweep)} this time); compare them: vlpt report {shlex.quote(str(sweep.output_dir))}",
+          file=sys.stderr)
     if failed:
         print(f"vlpt sweep: failed: {', '.join(failed)} (run the sweep again to retry; finished ones are skipped)",
               file=sys.stderr)
