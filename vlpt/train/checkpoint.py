@@ -168,6 +168,8 @@ def load_model_weights(model: torch.nn.Module, ckpt: str | Path, strict: bool = 
 
 
 def check_same_model(own: dict, weights: dict, ckpt: str | Path) -> None:
+    """A :class:`UserError` naming one weight of each kind of mismatch between a model's state
+    (``own``) and a checkpoint's: other shape, missing from the checkpoint, not in the model."""
     wrong = [k for k in own if k in weights and tuple(own[k].shape) != tuple(weights[k].shape)]
     missing = [k for k in own if k not in weights]
     extra = [k for k in weights if k not in own]
