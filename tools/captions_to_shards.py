@@ -59,8 +59,8 @@ import csv
 import sys
 from pathlib import Path
 
-from vlpt.data.shard_writer import (ImageOptions, ShardSink, add_output_arguments, check_output_arguments, convert,
-                                    converter_entry, order_rows, read_json_file, read_jsonl_file)
+from vlpt.data.converter_cli import add_output_arguments, check_output_arguments, convert, converter_entry, order_rows
+from vlpt.data.shard_writer import ImageOptions, ShardSink, read_json_file, read_jsonl_file
 from vlpt.data.vocab import wordpiece_tokenizer
 from vlpt.errors import UserError, tool_parser
 

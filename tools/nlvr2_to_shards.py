@@ -45,8 +45,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from vlpt.data.shard_writer import (ImageOptions, KeyMaker, ShardSink, add_output_arguments, check_output_arguments,
-                                    convert, converter_entry, order_rows, read_jsonl_file)
+from vlpt.data.converter_cli import add_output_arguments, check_output_arguments, convert, converter_entry, order_rows
+from vlpt.data.shard_writer import ImageOptions, KeyMaker, ShardSink, read_jsonl_file
 from vlpt.errors import UserError, tool_parser
 
 PROG = "nlvr2_to_shards"

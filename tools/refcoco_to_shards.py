@@ -55,8 +55,8 @@ from collections import Counter
 from pathlib import Path
 
 from vlpt.data.plain_pickle import load_plain_pickle
-from vlpt.data.shard_writer import (KeyMaker, add_output_arguments, check_output_arguments, convert, converter_entry,
-                                    order_rows, read_json_file, write_image_text_row)
+from vlpt.data.converter_cli import add_output_arguments, check_output_arguments, convert, converter_entry, order_rows
+from vlpt.data.shard_writer import KeyMaker, read_json_file, write_image_text_row
 from vlpt.errors import UserError, tool_parser
 
 PROG = "refcoco_to_shards"

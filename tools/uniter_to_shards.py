@@ -72,8 +72,8 @@ from pathlib import Path
 import numpy as np
 
 from vlpt.data.samples import npz_bytes
-from vlpt.data.shard_writer import (KeyMaker, ShardSink, add_output_arguments, check_output_arguments, convert,
-                                    converter_main, order_rows, summary)
+from vlpt.data.converter_cli import add_output_arguments, check_output_arguments, convert, converter_main, order_rows
+from vlpt.data.shard_writer import KeyMaker, ShardSink, summary
 from vlpt.errors import UserError, tool_parser
 
 PROG = "uniter_to_shards"

@@ -68,8 +68,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from vlpt.data.shard_writer import (KeyMaker, add_output_arguments, check_output_arguments, convert, converter_entry,
-                                    order_rows, read_json_file, write_image_text_row, write_json)
+from vlpt.data.converter_cli import add_output_arguments, check_output_arguments, convert, converter_entry, order_rows
+from vlpt.data.shard_writer import KeyMaker, read_json_file, write_image_text_row, write_json
 from vlpt.errors import UserError, tool_parser
 
 PROG = "vqa_to_shards"
