@@ -110,7 +110,7 @@ def test_a_source_of_another_kind_replaces_the_one_it_extends(tmp_path):
 def test_train_further_command_keeps_the_runs_overrides(tmp_path):
     """The line printed when a run ends continues that run: the same recipe file and overrides (a
     finetune started with model.init_from=null must not resume from the recipe's init), its folder."""
-    from vlpt.train.trainer import train_further_command
+    from vlpt.train.closing import train_further_command
 
     path = tiny_recipe(tmp_path)
     r = load_recipe(path, ["model.init_from=null", "train.steps=5", f"output_dir={tmp_path}/my run", "train.lr=1e-4"])

@@ -29,7 +29,7 @@ import re
 import sys
 import tarfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 

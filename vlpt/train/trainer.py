@@ -14,10 +14,8 @@ boundary, checkpoint and exit 0 (a cluster requeue then resumes).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
-import shlex
 import sys
 import time
 from collections import Counter
@@ -33,6 +31,7 @@ from ..data.sources import probe_sources, resolve_sources
 from ..errors import UserError
 from ..eval import EvalData, evaluate, load_samples
 from ..recipe import Recipe, to_dict
+from .closing import say_done
 from ..model.packing import real_count_known
 from ..run_dir import RunDir
 from . import rng
@@ -476,31 +475,9 @@ class Trainer:
         result = self.run_eval(steps) if r.eval.at_end else None
         if acc.is_main_process:
             self.run.mark_done(steps, wall_s=self.wall_before + time.time() - self.t_fit)
-            self._say_done(result)
+            say_done(self.recipe, self.run, result)
         acc.end_training()
         return result
-
-    def _say_done(self, result: dict[str, float] | None) -> None:
-        r = self.recipe
-        ckpt = self.run.latest_checkpoint()
-        files = [p.name for p in (self.run.recipe, self.run.metrics, self.run.eval, self.run.done) if p.exists()]
-        files += [f"{ckpt.relative_to(self.out)}/"] if ckpt else []
-        print(f"vlpt: done. outputs in {self.out}/ ({', '.join(files)})", file=sys.stderr)
-        if result:
-            shown = {k: round(v, 3) for k, v in result.items() if k != "step"}
-            print("vlpt: eval " + json.dumps(shown), file=sys.stderr)
-        if r.data.val is not None:
-            print(f"vlpt: evaluate again: vlpt eval {shlex.quote(str(self.out))}", file=sys.stderr)
-        print(f"vlpt: train further:  {train_further_command(r, self.out)} "
-              f"(resumes from the latest checkpoint)", file=sys.stderr)
-
-
-def train_further_command(recipe: Recipe, out) -> str:
-    """The ``vlpt train`` line that continues a run: its recipe file and the overrides it was started
-    with (the same model, data and init), its folder, and ``train.steps=N``."""
-    kept = [o for o in recipe.overrides if o.split("=", 1)[0].strip() not in ("output_dir", "train.steps")]
-    words = [recipe.source or "RECIPE", *kept, f"output_dir={out}", "train.steps=N"]
-    return "vlpt train " + " ".join(shlex.quote(w) if w != "train.steps=N" else w for w in words)
 
 
 def train(recipe: Recipe, resume: bool = True, force: bool = False) -> dict[str, float] | None:
