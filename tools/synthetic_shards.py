@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 
 from vlpt.data.samples import npz_bytes
-from vlpt.errors import UserError, run_command, tool_parser
+from vlpt.errors import UserError, output_folder, run_command, tool_parser
 
 
 def build_tokenizer(vocab_size: int):
@@ -75,10 +74,7 @@ def write(args) -> int:
             raise UserError(f"{flag} must be at least {least}, got {value}")
     rmin, rmax = span("--regions", args.regions, 1)
     wmin, wmax = span("--caption-words", args.caption_words, 1)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out '{out}' is a file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(args.out)
     build_tokenizer(args.vocab_size).save(str(out / "tokenizer.json"))
     rng = np.random.default_rng(args.seed)
     n_shards = (args.samples + args.shard_size - 1) // args.shard_size

@@ -71,16 +71,14 @@ def _export(args) -> int:
 
 def _data_shapes(args) -> int:
     from .data.shapes import check_write_arguments, write_shapes
-    from .errors import UserError
+    from .errors import UserError, output_folder
 
     try:
-        check_write_arguments(args.samples, args.shard_size, args.image_size)
-    except ValueError as e:  # the library's error, in the command's words
-        raise UserError(str(e).replace("samples must", "--samples must").replace("shard_size must", "--shard-size must")
-                        .replace("image_size must", "--image-size must")) from None
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out '{out}' is a file, not a folder")
+        check_write_arguments(args.samples, args.shard_size, args.image_size,
+                              names=("--samples", "--shard-size", "--image-size"))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    out = output_folder(args.out, create=False)
     try:
         paths = write_shapes(args.out, args.samples, seed=args.seed, shard_size=args.shard_size,
                              image_size=args.image_size)

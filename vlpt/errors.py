@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 
@@ -58,3 +59,17 @@ def tool_parser(name: str, description: str | None, **kwargs) -> OneLineParser:
     as ``NAME: error: ...`` on one line."""
     return OneLineParser(prog=f"tools/{name}.py", name=name, description=description,
                          formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+
+def output_folder(path, flag: str = "--out", create: bool = True) -> Path:
+    """``path`` as the folder a command writes into (made, with ``create``): a file in its place, or
+    one above it, is one line naming ``flag``, not a traceback."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} '{out}' is a file, not a folder")
+    if create:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the {flag} folder '{out}': {e.strerror}") from None
+    return out

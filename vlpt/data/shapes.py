@@ -369,14 +369,16 @@ def _sample_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, index])
 
 
-def check_write_arguments(samples: int, shard_size: int, image_size: int) -> None:
-    """The ``ValueError`` of a data set that cannot be written, before anything is touched."""
+def check_write_arguments(samples: int, shard_size: int, image_size: int,
+                          names: tuple[str, str, str] = ("samples", "shard_size", "image_size")) -> None:
+    """The ``ValueError`` of a data set that cannot be written, before anything is touched; ``names``:
+    what the caller calls the three (e.g. a command's flags)."""
     if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
+        raise ValueError(f"{names[0]} must be >= 1, got {samples}")
     if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        raise ValueError(f"{names[1]} must be >= 1, got {shard_size}")
     if image_size < _MIN_IMAGE_SIZE:
-        raise ValueError(f"image_size must be at least {_MIN_IMAGE_SIZE}, got {image_size}")
+        raise ValueError(f"{names[2]} must be at least {_MIN_IMAGE_SIZE}, got {image_size}")
 
 
 def write_shapes(

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ..errors import UserError
+from ..errors import UserError, output_folder
 
 #: fixed tar member time: the same input and settings give the same shard bytes
 TAR_MTIME = 0
@@ -338,12 +338,7 @@ def write_shards(rows: list[dict], write_row: Callable[[ShardSink, dict, Any], N
                  out: Path, prog: str, prefix: str, shard_size: int, settings: dict, workers: int = 1,
                  quiet: bool = False, overwrite: bool = False, info_extra: dict | None = None) -> dict:
     """Write (or complete) the shards of ``rows`` in ``out``; returns ``info.json``'s content."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out '{out}' is a file, not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the --out folder '{out}': {e.strerror}") from None
+    output_folder(out)
     settings = {**settings, "shard_size": shard_size, "prefix": prefix}
     fp = fingerprint(settings, rows)
     done = _prepare_folder(out, prefix, fp, overwrite)

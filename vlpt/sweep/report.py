@@ -221,10 +221,11 @@ def report_main(args) -> int:
         if unknown and available:
             raise UserError(f"--metrics: no finished variant has '{unknown[0]}'"
                             + (did_you_mean(unknown[0], available) or f"; metrics: {', '.join(available)}"))
-    listed = (manifest.get("report") or {}).get("metrics")
-    for m in [] if args.metrics or not available else [m for m in listed or () if m not in available]:
-        print(f"vlpt report: note: the sweep's report.metrics names '{m}', which no finished variant has"
-              + (did_you_mean(m, available) or ""), file=sys.stderr)
+    listed = (manifest.get("report") or {}).get("metrics") or []
+    if available and not args.metrics:  # the sweep file's own list: a note, as it is not the user's command
+        for m in (m for m in listed if m not in available):
+            print(f"vlpt report: note: the sweep's report.metrics names '{m}', which no finished variant has"
+                  + (did_you_mean(m, available) or ""), file=sys.stderr)
     wanted = args.metrics or listed or default_columns(available, downstream)
     table, text = report_table(rows, wanted), legend(rows, manifest)
     print(table)
