@@ -184,3 +184,15 @@ def test_cpu_attention_with_dropout_is_scaled_dot_product_attention():
     mine = attention(q, k, v, mask, 1e-12, True)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert torch.allclose(mine, ref, atol=1e-6)
+
+
+def test_cpu_peak_is_not_lowered_by_another_process_busy_at_the_start():
+    from vlpt.train.flops import cpu_peak_from, measured_cpu_peak
+
+    flops = 2 * 1024**3 * 100
+    alone = cpu_peak_from(flops, wall_s=1.0, cpu_s=2.0, threads=2)  # both threads ran the whole second
+    shared = cpu_peak_from(flops, wall_s=2.0, cpu_s=2.0, threads=2)  # half the cores: twice the wall time
+    assert alone == pytest.approx(flops / 1.0) and shared == pytest.approx(alone)  # not flops / 2.0
+    spinning = cpu_peak_from(flops, wall_s=1.0, cpu_s=4.0, threads=2)  # CPU time inflated (spin-waits)
+    assert spinning == pytest.approx(flops / 1.0)  # never below the wall-clock rate
+    assert measured_cpu_peak() > 0
