@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -11,6 +12,15 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+
+
+def torchrun(nproc: int, *args: str) -> list[str]:
+    """A torchrun command for ``nproc`` ranks on this machine, ``args`` after it. ``--standalone``:
+    torchrun picks a free port itself. (Ports made from the test process's pid overlapped between
+    tests, and two test runs at once could pick the same one: two jobs on one port join one
+    rendezvous and their ranks then wait on each other's collectives for good.)"""
+    return [TORCHRUN, "--standalone", "--nproc_per_node", str(nproc), *args]
 
 
 @pytest.fixture(scope="session", autouse=True)

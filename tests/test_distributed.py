@@ -1,14 +1,12 @@
 """Two real CPU ranks (torchrun, gloo) over shards of very different sizes: no hang, same steps."""
 import json
 import os
-import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import tiny_recipe
+from conftest import TORCHRUN, tiny_recipe, torchrun
 
 
 def _write_shards(folder, sizes):
@@ -26,8 +24,7 @@ def _write_shards(folder, sizes):
     train_tokenizer(captions).save(str(folder / "tokenizer.json"))
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
-                    reason="torchrun not installed")
+@pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
 def test_two_ranks_uneven_shards_same_number_of_steps(tmp_path):
     _write_shards(tmp_path, [5, 40, 200])
     recipe = tiny_recipe(
@@ -36,11 +33,9 @@ def test_two_ranks_uneven_shards_same_number_of_steps(tmp_path):
         train={"steps": 12, "lr": 1e-3, "warmup": 1},
         checkpoint={"every": None, "keep": 2},
     )
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     res = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000), "-m", "vlpt.cli",
-         "train", str(recipe)],
+        torchrun(2, "-m", "vlpt.cli", "train", str(recipe)),
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert res.returncode == 0, res.stderr[-3000:]

@@ -12,10 +12,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from conftest import tiny_recipe
+from conftest import TORCHRUN, tiny_recipe, torchrun
 
 SHARDS, PER_SHARD, BATCH = 6, 25, 5
-TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
 PLUGIN = '''
 import os
@@ -70,9 +69,8 @@ def _train(folder, ranks, steps, env):
                "seen": {"weight": 1, "objectives": {"seen_log": 1.0}}},
         train={"steps": steps, "lr": 1e-3, "warmup": 1, "threads": 1},
         checkpoint={"every": None, "at_end": True}, eval={"at_end": False})
-    launch = ([TORCHRUN, "--nproc_per_node", str(ranks), "--master_port", str(29300 + os.getpid() % 300)]
-              if ranks > 1 else [sys.executable])
-    res = subprocess.run([*launch, "-m", "vlpt.cli", "train", str(recipe)], capture_output=True, text=True,
+    command = ["-m", "vlpt.cli", "train", str(recipe)]
+    res = subprocess.run(torchrun(ranks, *command) if ranks > 1 else [sys.executable, *command], capture_output=True, text=True,
                          timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stderr

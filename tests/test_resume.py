@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_recipe
+from conftest import tiny_recipe, torchrun
 
 STEPS = 14
 
@@ -218,9 +218,7 @@ def _kill_all(marker: str) -> None:
 
 
 def _torchrun(recipe):
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    return [torchrun, "--nproc_per_node", "2", "--master_port", str(29700 + os.getpid() % 200), "-m", "vlpt.cli",
-            "train", str(recipe)]
+    return torchrun(2, "-m", "vlpt.cli", "train", str(recipe))
 
 
 def test_two_ranks_kill_and_resume_match_uninterrupted(tmp_path):

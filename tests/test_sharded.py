@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_recipe
+from conftest import REPO, TORCHRUN, tiny_recipe, torchrun
 from safetensors.torch import load_file
 from test_plot_launch import launch_env
 from test_resume import _kill_all
 
-TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 STEPS = 6
 # No dropout: FSDP runs the whole last trunk layer (its weights are gathered in the layer's forward),
 # DDP only the positions the heads read; the same states up to rounding, but with dropout on, the
@@ -35,8 +34,8 @@ def _env(sharded: bool) -> dict[str, str]:
     return {**env, **fsdp_env()} if sharded else env
 
 
-def _train_cmd(recipe: Path, port: int) -> list[str]:
-    return [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(port), "-m", "vlpt.cli", "train", str(recipe)]
+def _train_cmd(recipe: Path) -> list[str]:
+    return torchrun(2, "-m", "vlpt.cli", "train", str(recipe))
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -56,10 +55,10 @@ def test_fsdp_launch_config_is_fsdp2_with_trunk_layers_as_units():
     assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is False
 
 
-def _killed_and_resumed(recipe: Path, out: Path, port: int) -> None:
+def _killed_and_resumed(recipe: Path, out: Path) -> None:
     """Train with FSDP on two ranks, SIGKILL the whole job (launcher, ranks, workers) after the
     checkpoint at step 3, as a node failure would, then run the same command again: it resumes."""
-    proc = subprocess.Popen(_train_cmd(recipe, port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(_train_cmd(recipe), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=_env(True))
     t0 = time.time()
     while time.time() - t0 < 240 and proc.poll() is None:
@@ -69,7 +68,7 @@ def _killed_and_resumed(recipe: Path, out: Path, port: int) -> None:
         time.sleep(0.02)
     proc.communicate(timeout=60)
     assert not (out / "checkpoints" / f"step-{STEPS:07d}").exists()
-    res = subprocess.run(_train_cmd(recipe, port + 1), capture_output=True, text=True, env=_env(True), timeout=300)
+    res = subprocess.run(_train_cmd(recipe), capture_output=True, text=True, env=_env(True), timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming from" in res.stderr and "step-0000003" in res.stderr
 
@@ -77,15 +76,14 @@ def _killed_and_resumed(recipe: Path, out: Path, port: int) -> None:
 @pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
 def test_fsdp_two_ranks_kill_resume_eval_export_match_ddp(tmp_path):
     """FSDP killed and resumed ends with the weights of DDP uninterrupted, within fp32 tolerance."""
-    port = 29300 + os.getpid() % 200
     runs = {}
     for name in ("ddp", "fsdp"):
         (tmp_path / name).mkdir()
         runs[name] = (tiny_recipe(tmp_path / name, **SECTIONS), tmp_path / name / "run")
     (ddp_recipe, ddp), (fsdp_recipe, fsdp) = runs["ddp"], runs["fsdp"]
-    res = subprocess.run(_train_cmd(ddp_recipe, port), capture_output=True, text=True, env=_env(False), timeout=300)
+    res = subprocess.run(_train_cmd(ddp_recipe), capture_output=True, text=True, env=_env(False), timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    _killed_and_resumed(fsdp_recipe, fsdp, port + 1)
+    _killed_and_resumed(fsdp_recipe, fsdp)
 
     # a sharded checkpoint: every rank's slices, no whole-weights file; the slices add up to DDP's weights
     final, ddp_final = (run / "checkpoints" / f"step-{STEPS:07d}" for run in (fsdp, ddp))
