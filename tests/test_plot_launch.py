@@ -207,8 +207,13 @@ def test_fsdp_config_wraps_trunk_layers_as_fsdp2_units():
         assert isinstance(getattr(trunk, name, None), type), f"{name} is not a class in vlpt.model.trunk"
     # The plugin the training processes build from that environment: FSDP2 (fully_shard), each
     # TrunkLayer a unit, parameters kept gathered from forward to backward (SHARD_GRAD_OP's behaviour).
-    with mock.patch.dict(os.environ, env), mock.patch.object(acc_dataclasses, "is_cuda_available", lambda: True), \
-            mock.patch.object(torch.cuda, "current_device", lambda: 0):
+    # the GPU it would run on: accelerate < 1.16 asks is_cuda_available, later releases
+    # get_torch_accelerator_backend (its (device type, module) or (None, None))
+    if hasattr(acc_dataclasses, "get_torch_accelerator_backend"):
+        on_gpu = mock.patch.object(acc_dataclasses, "get_torch_accelerator_backend", lambda *a, **k: ("cuda", torch.cuda))
+    else:
+        on_gpu = mock.patch.object(acc_dataclasses, "is_cuda_available", lambda: True)
+    with mock.patch.dict(os.environ, env), on_gpu, mock.patch.object(torch.cuda, "current_device", lambda: 0):
         plugin = FullyShardedDataParallelPlugin()
     assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is False
     assert plugin.transformer_cls_names_to_wrap == ["TrunkLayer"]
