@@ -18,8 +18,8 @@ TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 def torchrun(nproc: int, *args: str) -> list[str]:
     """A torchrun command for ``nproc`` ranks on this machine, ``args`` after it. ``--standalone``:
     torchrun picks a free port itself. (Ports made from the test process's pid overlapped between
-    tests, and two test runs at once could pick the same one: two jobs on one port join one
-    rendezvous and their ranks then wait on each other's collectives for good.)"""
+    tests and between two test runs at once, and a job started on a port another job holds stops
+    with EADDRINUSE.)"""
     return [TORCHRUN, "--standalone", "--nproc_per_node", str(nproc), *args]
 
 

@@ -70,8 +70,8 @@ def _train(folder, ranks, steps, env):
         train={"steps": steps, "lr": 1e-3, "warmup": 1, "threads": 1},
         checkpoint={"every": None, "at_end": True}, eval={"at_end": False})
     command = ["-m", "vlpt.cli", "train", str(recipe)]
-    res = subprocess.run(torchrun(ranks, *command) if ranks > 1 else [sys.executable, *command], capture_output=True, text=True,
-                         timeout=300, env=env)
+    launch = torchrun(ranks, *command) if ranks > 1 else [sys.executable, *command]
+    res = subprocess.run(launch, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stderr
 
