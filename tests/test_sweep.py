@@ -390,17 +390,17 @@ def test_a_run_that_exits_without_its_marker_failed(tmp_path, capsys):
 
 
 def _table2_copy(tmp_path) -> Path:
-    """recipes/ablations/uniter-table2.yaml with its output in tmp_path and two downstream tasks."""
+    """recipes/ablations/uniter-table2.yaml with its output in tmp_path, its recipe paths absolute and
+    the VQA finetune shortened by a stage override."""
     data = yaml.safe_load((REPO / "recipes" / "ablations" / "uniter-table2.yaml").read_text())
     data["base"] = str(REPO / "recipes" / "uniter-base.yaml")
     data["output_dir"] = str(tmp_path / "t2")
     launch = REPO / "recipes" / "launch" / "ddp-1x8.yaml"
     assert data["slurm"]["launch_args"] == "--config_file recipes/launch/ddp-1x8.yaml" and launch.is_file()
     data["slurm"]["launch_args"] = f"--config_file {launch}"  # the script runs where the sweep was written from
-    finetune = REPO / "recipes" / "finetune"
-    data["downstream"] = {"vqa": {"recipe": str(finetune / "vqa.yaml"), "metrics": ["vqa_acc"],
-                                  "overrides": {"train.steps": 500}},
-                          "retrieval": {"recipe": str(finetune / "retrieval.yaml"), "metrics": ["itr_t2i_r1", "itr_i2t_r1"]}}
+    for task in data["downstream"].values():
+        task["recipe"] = str((REPO / "recipes" / "ablations" / task["recipe"]).resolve())
+    data["downstream"]["vqa"]["overrides"] = {"train.steps": 500}
     return _sweep_file(tmp_path, "uniter-table2.yaml", **data)
 
 
@@ -416,20 +416,21 @@ def test_slurm_dry_run_writes_a_valid_array_script_with_every_stage(tmp_path, mo
     assert "#SBATCH --signal=B:USR1@300\n" in text and "#SBATCH --nodes=4" not in text  # the sweep's header only
     assert "accelerate launch" in text and "-m vlpt.cli train" in text and f"sbatch {script}" in stdout
     assert f"cd {tmp_path}" in text and "LAUNCH_ARGS='--config_file " in text and "export HF_HUB_OFFLINE=1" in text
-    assert "STAGES=(. finetune downstream/vqa downstream/retrieval)\n" in text
+    assert "STAGES=(. downstream/vqa downstream/retrieval downstream/nlvr2 downstream/refcoco)\n" in text
     variants = text.split("VARIANTS=(")[1].split(")")[0].split()
     assert len(variants) == 10 and variants[0] == "mrfr" and variants[-1] == "all-joint"
     for v in variants:  # every array task's recipes are in place, the later stages starting from the variant
         run = tmp_path / "t2" / v
         assert (run / "recipe.yaml").is_file()
-        for stage, steps, task in (("finetune", 5000, "itm"), ("downstream/vqa", 500, "vqa"),
-                                   ("downstream/retrieval", 5000, "itr")):
+        for stage, steps, task in (("downstream/vqa", 500, "vqa"), ("downstream/retrieval", 5000, "itr"),
+                                   ("downstream/nlvr2", 8000, "nlvr2"), ("downstream/refcoco", 10000, "refexp")):
             recipe = yaml.safe_load((run / stage / "recipe.yaml").read_text())
             assert recipe["model"]["init_from"] == str(tmp_path / "t2" / v) and recipe["train"]["steps"] == steps
             assert list(recipe["tasks"]) == [task] and recipe["output_dir"] == str(run / stage)
     manifest = yaml.safe_load((tmp_path / "t2" / "sweep.yaml").read_text())
-    assert manifest["downstream"] == {"vqa": ["vqa_acc"], "retrieval": ["itr_t2i_r1", "itr_i2t_r1"]}
-    assert manifest["finetune"] is True
+    assert manifest["downstream"] == {"vqa": ["vqa_acc"], "retrieval": ["itr_t2i_r1", "itr_i2t_r1"],
+                                      "nlvr2": ["nlvr2_acc"], "refcoco": ["refexp_iou50"]}  # UNITER's Meta-Sum
+    assert manifest["finetune"] is False
     rc, _, _ = _cli("sweep", str(copy), "--launcher", "slurm", "--dry-run", "--only", "mlm", "mlm-itm")
     assert rc == 0 and "#SBATCH --array=0-1\n" in script.read_text()
 
@@ -493,3 +494,5 @@ def test_the_table2_sweep_files_expand_to_the_ten_rows():
     labels = [s.label for s in shapes.variants[0].stages]
     assert labels[0] == "pretrain" and sorted(labels[1:]) == [
         "downstream/nlvr2", "downstream/refexp", "downstream/retrieval", "downstream/vqa"]
+    labels = [s.label for s in real.variants[0].stages]  # UNITER's Meta-Sum tasks
+    assert labels == ["pretrain", "downstream/vqa", "downstream/retrieval", "downstream/nlvr2", "downstream/refcoco"]

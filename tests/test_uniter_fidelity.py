@@ -91,6 +91,25 @@ def test_an_accumulated_update_is_clipped_as_uniter_clips_it(tmp_path):
         assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-7), name
 
 
+#: UNITER's configs: clip (grad_norm) and AdamW eps on the SUM of `accumulate` micro-batch gradients
+UNITER_CLIP_EPS = {"uniter-base": (5.0, 1e-6), "finetune/vqa": (2.0, 1e-6), "finetune/ve": (2.0, 1e-6),
+                   "finetune/nlvr2": (2.0, 1e-6), "finetune/refcoco": (2.0, 1e-6), "finetune/retrieval": (2.0, 1e-6)}
+
+
+@pytest.mark.parametrize("name", sorted(UNITER_CLIP_EPS))
+def test_recipes_claiming_uniters_hyperparameters_clip_and_eps_as_it_does(name):
+    """vlpt averages micro-batches where UNITER sums them: a recipe's clip and eps times its number of
+    micro-batches of UNITER's size (accumulate, or 6 for uniter-base's 6 × 10240 tokens in one pass)
+    must be UNITER's."""
+    from vlpt.recipe import load_recipe
+
+    train = load_recipe(REPO / "recipes" / f"{name}.yaml").train
+    micro_batches = 6 if name == "uniter-base" else train.accumulate
+    clip, eps = UNITER_CLIP_EPS[name]
+    assert train.clip * micro_batches == pytest.approx(clip, rel=1e-6)
+    assert train.eps * micro_batches == pytest.approx(eps, rel=1e-6)
+
+
 def test_mrfr_and_mrc_heads_start_as_uniters():
     tasks = [tiny_task({"mrfr": {"weight": 1.0, "tied": False}}, name="a"), tiny_task({"mrc": 1.0}, name="b"),
              tiny_task({"mrc_kl": 1.0}, name="c")]

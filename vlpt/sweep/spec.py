@@ -44,7 +44,7 @@ class SlurmConfig:
     requeue_before: int = 300  # seconds before the time limit at which a task requeues itself
     sbatch: list[str] = field(default_factory=list)  # more #SBATCH options, e.g. ["--constraint=h100"]
     setup: list[str] = field(default_factory=list)  # shell lines before training, e.g. ["source venv/bin/activate"]
-    launch_args: str = ""  # more accelerate launch options, e.g. "--config_file recipes/launch/fsdp.yaml"
+    launch_args: str = ""  # more accelerate launch options, e.g. "--config_file recipes/launch/fsdp-1x8.yaml"
 
 
 @dataclass
