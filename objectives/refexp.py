@@ -2,8 +2,10 @@
 
 An expression ("the man on the left in a red shirt") picks one region of the image. Each region's
 final state is scored by a small head; a softmax over the image's regions (padding excluded) is
-trained with cross-entropy towards the referred region, as UNITER's ``loss: cls`` does, with its
-two-layer head (``mlp: 2``: dense, GELU, LayerNorm, one score).
+trained with cross-entropy towards the referred region, as UNITER's ``loss: cls`` does (its loss is
+the sum over the batch, vlpt's the mean: recipes/finetune/refcoco.yaml divides clip and eps by the
+batch size to match), with its two-layer head (``mlp: 2``, its RefCOCO+ config: dense, GELU,
+LayerNorm, one score) or one dense layer (``mlp: 1``, its RefCOCO and RefCOCOg configs).
 
 Data (``tools/refcoco_to_shards.py`` or the shapes suite): the expression as the caption, the
 image's regions, and in the sample's ``json`` the referred region's row (``target_region``) or
@@ -11,7 +13,7 @@ its box (``target_box``, normalized x1, y1, x2, y2): the target is then the regi
 the box most (IoU).
 
 Evaluation reports ``refexp_acc`` (the top-scored region is the target), ``refexp_iou50`` when
-samples carry a box (the top region's box overlaps the gold box with IoU >= 0.5, RefCOCO's usual
+samples carry a box (the top region's box overlaps the gold box with IoU > 0.5, RefCOCO's usual
 metric on detected regions), and ``refexp_acc_blind`` (every region feature zeroed: only boxes
 and the expression remain).
 """
@@ -22,10 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from vlpt import EncoderOutput, Objective, ObjectiveOutput, register_objective
 from vlpt.batch import META
-from vlpt.model.heads import mlp_head
+from vlpt.model.heads import init_linear, mlp_head
 
 
 def box_iou(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
@@ -45,12 +48,20 @@ class ReferringExpression(Objective):
 
     @dataclass
     class Options:
-        """No options: UNITER's classification loss and two-layer head."""
+        mlp: int = 2  # the region head: 2 (dense, GELU, LayerNorm, score; UNITER's RefCOCO+) or 1 (one dense layer)
+
+    @classmethod
+    def check_task(cls, options, task):
+        return None if options.mlp in (1, 2) else f"mlp is 1 or 2 (layers of the region head), got {options.mlp}"
 
     def __init__(self, options: Options, model, tokenizer):
         super().__init__(options, model, tokenizer)
         H = model.config.hidden_size
-        self.head = mlp_head(H, 1, width=H)
+        if options.mlp == 2:
+            self.head = mlp_head(H, 1, width=H)
+        else:
+            self.head = nn.Linear(H, 1)
+            init_linear(self.head)
 
     def prepare(self, sample, rng, pool=None):
         meta = sample[META]
@@ -93,7 +104,7 @@ class ReferringExpression(Objective):
             pred = self.scores(data.encode(model, batch), batch).argmax(-1).cpu().numpy()
             boxes, gold = batch["boxes"].cpu().numpy(), batch["refexp_box"].cpu().numpy()
             has = np.isfinite(gold).all(1)
-            hits = [box_iou(boxes[i, p][None], gold[i])[0] >= 0.5 for i, p in enumerate(pred) if has[i]]
+            hits = [box_iou(boxes[i, p][None], gold[i])[0] > 0.5 for i, p in enumerate(pred) if has[i]]
             return sum(hits), len(hits)
 
         metrics = {"refexp_acc": data.mean_score(views, accuracy),

@@ -2,8 +2,10 @@
 
 A question about an image is read with the image as one sequence; an answer classifier on the
 pooled ``[CLS]`` state scores every answer of a closed vocabulary (VQA v2: the 3,129 answers given
-at least 9 times in training). Targets are soft, as VQA's accuracy is: an answer that ``n`` of the
-annotators gave scores min(1, n / 3). The loss is binary cross-entropy per answer, scaled by the
+at least 9 times in training). Targets are soft, as VQA's accuracy is: an answer that ``n`` of a
+question's 10 annotators gave scores min(1, n / 3) averaged over the 10 sets of 9 of them (VQA v2's
+official evaluation; 0.3, 0.6, 0.9 and 1 for n = 1, 2, 3 and 4 or more, the scores of the BUTD
+preprocessing whose targets UNITER trains on). The loss is binary cross-entropy per answer, scaled by the
 vocabulary size as UNITER's ``train_vqa.py`` does (``loss.mean() * num_answers``: summed over
 answers, averaged over questions). The head is UNITER's: dense to 2H, GELU, LayerNorm, dense to
 the answers.
@@ -13,8 +15,9 @@ question as the caption, the image's regions, and in the sample's ``json`` the a
 counts by index into ``answer_vocab.json`` (``answer_ids``). ``num_answers`` must be the size of
 that vocabulary.
 
-Evaluation reports ``vqa_acc`` — the mean soft score of the top answer, VQA v2's accuracy with
-min(1, n / 3) — and ``vqa_acc_blind``, the same with every region feature zeroed: how much of the
+Evaluation reports ``vqa_acc`` — the mean soft score of the top answer over every question, those
+whose answers are all outside the vocabulary included (they score 0, as in UNITER's evaluation) —
+and ``vqa_acc_blind``, the same with every region feature zeroed: how much of the
 accuracy the question alone gives.
 """
 from __future__ import annotations
@@ -30,15 +33,25 @@ from vlpt.batch import META
 from vlpt.model.heads import mlp_head
 
 
-def soft_scores(counts: dict, num_answers: int, per_annotator: float = 1 / 3) -> np.ndarray:
-    """(num_answers,) float32: min(1, n * per_annotator) for each answer index that n annotators gave."""
+def vqa_accuracy(n: int, annotators: int = 10) -> float:
+    """VQA v2's accuracy of an answer ``n`` of a question's ``annotators`` gave: min(1, matches / 3)
+    averaged over every set of ``annotators - 1`` of them (n of the sets leave out one who gave it).
+    With one answer per question (``annotators: 1``, e.g. GQA) it is an exact match."""
+    m = max(int(annotators), int(n))
+    if n <= 0 or m < 2:
+        return float(n > 0)
+    return (n * min(1.0, (n - 1) / 3) + (m - n) * min(1.0, n / 3)) / m
+
+
+def soft_scores(counts: dict, num_answers: int, annotators: int = 10) -> np.ndarray:
+    """(num_answers,) float32: :func:`vqa_accuracy` for each answer index and its annotator count."""
     target = np.zeros(num_answers, dtype=np.float32)
     for index, n in counts.items():
         i = int(index)
         if not 0 <= i < num_answers:
             raise ValueError(f"answer id {i} is outside the vocabulary of num_answers = {num_answers}: set the "
                              "objective's num_answers to the length of the data's answer_vocab.json")
-        target[i] = min(1.0, float(n) * per_annotator)
+        target[i] = vqa_accuracy(int(n), annotators)
     return target
 
 
@@ -55,7 +68,7 @@ class VisualQuestionAnswering(Objective):
     @dataclass
     class Options:
         num_answers: int = 3129  # the answer vocabulary's size (VQA v2: 3129; see answer_vocab.json)
-        per_annotator: float = 1 / 3  # soft target min(1, annotators * this) (VQA v2's accuracy)
+        annotators: int = 10  # answers per question (VQA v2: 10), over which the accuracy is averaged
 
     #: batch field of the (B, num_answers) soft targets, and the metric prefix
     target_field = "vqa_target"
@@ -69,7 +82,7 @@ class VisualQuestionAnswering(Objective):
         return self.options.num_answers
 
     def target(self, meta: dict) -> np.ndarray:
-        return soft_scores(meta["answer_ids"], self.options.num_answers, self.options.per_annotator)
+        return soft_scores(meta["answer_ids"], self.options.num_answers, self.options.annotators)
 
     def prepare(self, sample, rng, pool=None):
         sample[self.target_field] = self.target(sample[META])
@@ -84,7 +97,7 @@ class VisualQuestionAnswering(Objective):
     @torch.no_grad()
     def evaluate(self, model, data) -> dict[str, float]:
         rng = np.random.default_rng(0)
-        views = [self.prepare(dict(s), rng) for s in data.samples if (s.get(META) or {}).get(self.sample_field)]
+        views = [self.prepare(dict(s), rng) for s in data.samples if (s.get(META) or {}).get(self.sample_field) is not None]
         if not views:
             return {}
 

@@ -62,8 +62,8 @@ def test_vqa_answer_normalization_and_soft_scores(vqa):
                for i, a in enumerate(["Red", "red", "red.", "RED", "the red", "red", "red", "Red!", "blue", "Blue"])]
     counts = vqa.answer_counts({"answers": answers})
     assert counts == {"red": 8, "blue": 2}
-    assert {a: round(vqa.soft_score(n), 4) for a, n in counts.items()} == {"red": 1.0, "blue": 0.6667}
-    assert [vqa.soft_score(n) for n in (0, 1, 3, 10)] == [0.0, 1 / 3, 1.0, 1.0]
+    assert {a: round(vqa.soft_score(n), 4) for a, n in counts.items()} == {"red": 1.0, "blue": 0.6}
+    assert [round(vqa.soft_score(n), 4) for n in (0, 1, 2, 3, 4, 10)] == [0.0, 0.3, 0.6, 0.9, 1.0, 1.0]  # VQA v2
 
 
 def _vqa_files(root: Path) -> dict:

@@ -59,13 +59,60 @@ def test_vqa_soft_scores_and_accuracy_follow_vqa_v2():
     from vlpt_objectives.vqa import soft_scores, top_answer_score
 
     # 10 annotators: 7 said "2" (index 0), 2 said "3" (index 1), 1 said "4" (index 2)
+    given = ["2"] * 7 + ["3"] * 2 + ["4"]
+
+    def official(answer):  # VQA v2's evaluation: min(1, matches among the other 9 / 3), averaged over the 10
+        return np.mean([min(1.0, sum(g == answer for g in given[:i] + given[i + 1:]) / 3) for i in range(10)])
+
     target = soft_scores({"0": 7, "1": 2, "2": 1}, num_answers=4)
-    np.testing.assert_allclose(target, [1.0, 2 / 3, 1 / 3, 0.0], rtol=1e-6)  # min(1, n / 3)
+    np.testing.assert_allclose(target, [official("2"), official("3"), official("4"), 0.0], rtol=1e-6)
+    np.testing.assert_allclose(target, [1.0, 0.6, 0.3, 0.0], rtol=1e-6)
+    assert soft_scores({"0": 3, "1": 4}, num_answers=2).tolist() == pytest.approx([0.9, 1.0])
     logits = torch.tensor([[0.1, 3.0, 0.0, 0.0], [5.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 9.0]])
     scores = top_answer_score(logits, torch.tensor(np.stack([target] * 3)))
-    np.testing.assert_allclose(scores.numpy(), [2 / 3, 1.0, 0.0], rtol=1e-6)  # "3": 2/3, "2": 1, unseen: 0
+    np.testing.assert_allclose(scores.numpy(), [0.6, 1.0, 0.0], rtol=1e-6)  # "3": 0.6, "2": 1, unseen: 0
     with pytest.raises(ValueError, match="num_answers"):
         soft_scores({"7": 3}, num_answers=4)
+
+
+def test_vqa_and_ve_evaluate_every_question_with_the_field():
+    """A question whose answers are all outside the vocabulary (``answer_ids: {}``) scores 0 and
+    counts, as in UNITER's evaluation, and a VE label given as index 0 counts; a sample without
+    the field does not."""
+    from types import SimpleNamespace
+
+    from vlpt_objectives.ve import VisualEntailment
+    from vlpt_objectives.vqa import VisualQuestionAnswering
+
+    class Counting:  # EvalData's interface; mean_score counts the questions it is given
+        def __init__(self, samples):
+            self.samples = samples
+
+        def mean_score(self, views, score, blind=False):
+            return len(views)
+
+    model = SimpleNamespace(config=SimpleNamespace(hidden_size=8))
+    vqa = VisualQuestionAnswering(VisualQuestionAnswering.Options(num_answers=4), model, None)
+    questions = [{"meta": {"answer_ids": {}}}, {"meta": {"answer_ids": {"1": 10}}}, {"meta": {}}, {}]
+    assert vqa.evaluate(None, Counting(questions))["vqa_acc"] == 2
+    ve = VisualEntailment(VisualEntailment.Options(), model, None)
+    pairs = [{"meta": {"label": 0}}, {"meta": {"label": "neutral"}}, {"meta": {}}]
+    assert ve.evaluate(None, Counting(pairs))["ve_acc"] == 2
+
+
+def test_refexp_head_has_uniters_one_or_two_layers():
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from vlpt_objectives.refexp import ReferringExpression
+
+    model = SimpleNamespace(config=SimpleNamespace(hidden_size=8))
+    two = ReferringExpression(ReferringExpression.Options(), model, None).head  # RefCOCO+'s config
+    one = ReferringExpression(ReferringExpression.Options(mlp=1), model, None).head  # RefCOCO's, RefCOCOg's
+    assert isinstance(two, nn.Sequential) and len(two) == 4 and isinstance(one, nn.Linear)
+    assert one.weight.shape == (1, 8) and float(one.bias.abs().sum()) == 0.0
+    assert "mlp is 1 or 2" in ReferringExpression.check_task(ReferringExpression.Options(mlp=3), [])
 
 
 # -- every downstream objective trains on shards in the public schema -------------------------------

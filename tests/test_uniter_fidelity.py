@@ -91,23 +91,24 @@ def test_an_accumulated_update_is_clipped_as_uniter_clips_it(tmp_path):
         assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-7), name
 
 
-#: UNITER's configs: clip (grad_norm) and AdamW eps on the SUM of `accumulate` micro-batch gradients
-UNITER_CLIP_EPS = {"uniter-base": (5.0, 1e-6), "finetune/vqa": (2.0, 1e-6), "finetune/ve": (2.0, 1e-6),
-                   "finetune/nlvr2": (2.0, 1e-6), "finetune/refcoco": (2.0, 1e-6), "finetune/retrieval": (2.0, 1e-6)}
+#: UNITER's configs: clip (grad_norm) and AdamW eps, and how many times vlpt's gradient UNITER's is:
+#: it sums its micro-batches' gradients where vlpt averages them (uniter-base: 6 × 10240 tokens in
+#: one pass), and its RE loss sums over the 128 expressions of a batch where vlpt's averages
+UNITER_CLIP_EPS = {"uniter-base": (5.0, 1e-6, 6), "finetune/vqa": (2.0, 1e-6, 5), "finetune/ve": (2.0, 1e-6, 4),
+                   "finetune/nlvr2": (2.0, 1e-6, 1), "finetune/retrieval": (2.0, 1e-6, 1),
+                   "finetune/refcoco": (2.0, 1e-6, 128), "finetune/refcocog": (2.0, 1e-6, 128)}
 
 
 @pytest.mark.parametrize("name", sorted(UNITER_CLIP_EPS))
 def test_recipes_claiming_uniters_hyperparameters_clip_and_eps_as_it_does(name):
-    """vlpt averages micro-batches where UNITER sums them: a recipe's clip and eps times its number of
-    micro-batches of UNITER's size (accumulate, or 6 for uniter-base's 6 × 10240 tokens in one pass)
-    must be UNITER's."""
+    """AdamW's steps depend on the gradient's scale only through eps and the clip: a recipe's clip and
+    eps times the factor by which UNITER's gradient is larger must be UNITER's."""
     from vlpt.recipe import load_recipe
 
     train = load_recipe(REPO / "recipes" / f"{name}.yaml").train
-    micro_batches = 6 if name == "uniter-base" else train.accumulate
-    clip, eps = UNITER_CLIP_EPS[name]
-    assert train.clip * micro_batches == pytest.approx(clip, rel=1e-6)
-    assert train.eps * micro_batches == pytest.approx(eps, rel=1e-6)
+    clip, eps, factor = UNITER_CLIP_EPS[name]
+    assert train.clip * factor == pytest.approx(clip, rel=1e-6)
+    assert train.eps * factor == pytest.approx(eps, rel=1e-6)
 
 
 def test_mrfr_and_mrc_heads_start_as_uniters():
@@ -145,6 +146,29 @@ def test_weight_decay_groups_are_uniters():
                  "objectives.mrfr.bias", "vl.trunk.layers.0.qkv.bias"):
         assert name in exempt, name
     assert decayed | exempt == set(names.values()) and not decayed & exempt
+
+
+def test_head_lr_mul_trains_the_heads_at_a_multiple_of_the_lr_throughout():
+    """UNITER's VQA finetune (lr_mul 10): the answer head at 10 × the encoder's lr, warmup and decay
+    alike; the same decay rule in both; with the default of 1 the optimizer keeps its two groups."""
+    from vlpt.recipe import TrainConfig
+    from vlpt.train.optim import build_optimizer, build_scheduler
+
+    m = tiny_pretrain_model([tiny_task({"mlm": 1.0, "itm": 1.0})])
+    assert len(build_optimizer(m, TrainConfig(lr=1e-3)).param_groups) == 2
+    cfg = TrainConfig(lr=1e-3, head_lr_mul=10.0, warmup=4, steps=20)
+    opt = build_optimizer(m, cfg)
+    sched = build_scheduler(opt, cfg)
+    names = {id(p): n for n, p in m.named_parameters()}
+    groups = [{names[id(p)] for p in g["params"]} for g in opt.param_groups]
+    assert all(n.startswith("vl.") for g in groups[:2] for n in g)
+    assert all(n.startswith("objectives.") for g in groups[2:] for n in g)
+    assert set().union(*groups) == set(names.values())
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0, 0.01, 0.0]
+    for _ in range(7):
+        opt.step(), sched.step()
+        lrs = [g["lr"] for g in opt.param_groups]
+        assert lrs[2] == pytest.approx(10 * lrs[0]) and lrs[3] == pytest.approx(10 * lrs[1]) and lrs[0] > 0
 
 
 def test_bench_against_uniter_names_a_missing_checkout_in_one_line(tmp_path):

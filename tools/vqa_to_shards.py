@@ -24,7 +24,8 @@ One sample per question:
                ``answer_ids`` (the same counts keyed by the answer's index in the answer
                vocabulary, as a string; answers outside it are left out)
 
-The soft target of answer a is min(1, count_a / 3), VQA v2's accuracy. The answer
+The soft target of answer a is VQA v2's accuracy: min(1, count_a / 3) averaged over the 10 sets of 9
+annotators (0.3, 0.6, 0.9, 1 for 1, 2, 3, 4+). The answer
 vocabulary, ``answer_vocab.json`` beside the shards (a JSON list, index = position), is either
 read (``--answer-vocab FILE``: a JSON list, or an ``{answer: index}`` object such as UNITER's
 ``ans2label.json``) or built as the BUTD/UNITER preprocessing builds it: every normalized
@@ -71,6 +72,7 @@ from pathlib import Path
 from vlpt.data.converter_cli import add_output_arguments, check_output_arguments, convert, converter_entry, order_rows
 from vlpt.data.shard_writer import KeyMaker, read_json_file, write_image_text_row, write_json
 from vlpt.errors import UserError, tool_parser
+from vlpt_objectives.vqa import vqa_accuracy
 
 PROG = "vqa_to_shards"
 VOCAB_FILE = "answer_vocab.json"
@@ -134,8 +136,9 @@ def normalize_answer(text: str) -> str:
 
 
 def soft_score(count: int) -> float:
-    """The target of an answer ``count`` of the annotators gave: min(1, count / 3) (VQA v2's accuracy)."""
-    return min(1.0, count / 3.0)
+    """The target of an answer ``count`` of the 10 annotators gave: VQA v2's accuracy (the ``vqa``
+    objective computes the targets itself, from ``answer_ids``)."""
+    return vqa_accuracy(count, 10)
 
 
 def answer_counts(annotation: dict) -> dict[str, int]:

@@ -65,7 +65,7 @@ MINIMUM = {
     "data.batch_tokens": 1, "data.batch_size": 1, "data.bucket_size": 1, "data.size_multiple": 1,
     "data.max_text_len": 1, "data.max_regions": 1, "data.num_workers": 0, "data.shuffle_buffer": 0,
     "train.steps": 1, "train.warmup": 0, "train.accumulate": 1, "train.threads": 1, "train.max_bad_steps": 1,
-    "train.lr": 0.0, "train.weight_decay": 0.0,
+    "train.lr": 0.0, "train.weight_decay": 0.0, "train.head_lr_mul": 0.0,
     "eval.every": 1, "eval.samples": 0, "eval.retrieval_candidates": 0, "eval.batch_size": 1,
     "log.every": 1, "checkpoint.every": 1, "checkpoint.keep": 1, "checkpoint.keep_every": 1,
 }

@@ -116,6 +116,7 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     weight_decay: float = 0.01  # not on biases and LayerNorm weights
+    head_lr_mul: float = 1.0  # the objectives' heads (every weight outside the encoder) learn at lr × this (UNITER's VQA: 10)
     accumulate: int = 1  # micro-batches per update
     clip: Optional[float] = 5.0  # gradient-norm clip; null for none
     precision: Literal["no", "bf16", "fp16"] = "no"

@@ -55,13 +55,26 @@ def fused_supported(model: nn.Module, device: torch.device | None = None) -> boo
     return all(p.is_floating_point() and (device or p.device).type in kinds for p in model.parameters())
 
 
+def head_groups(model: nn.Module, weight_decay: float, lr: float, head_lr_mul: float) -> list[dict]:
+    """:func:`param_groups` of the encoder (``model.vl``) at ``lr``, then those of the objectives'
+    heads at ``lr × head_lr_mul``, as UNITER's VQA finetune trains its answer head (``lr_mul``). The
+    schedule scales each group's own lr, so the heads keep the ratio throughout."""
+    heads = nn.ModuleDict({name: m for name, m in model.named_children() if name != "vl"})
+    return ([{**g, "lr": lr} for g in param_groups(model.vl, weight_decay)]
+            + [{**g, "lr": lr * head_lr_mul} for g in param_groups(heads, weight_decay)])
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool | None = None) -> torch.optim.Optimizer:
-    """AdamW over :func:`param_groups`; ``fused``: None picks the fused kernel where supported
-    (False: PyTorch's default implementation)."""
+    """AdamW over :func:`param_groups` (with ``train.head_lr_mul`` other than 1, :func:`head_groups`:
+    four groups instead of two); ``fused``: None picks the fused kernel where supported (False:
+    PyTorch's default implementation)."""
     if fused is None:
         fused = fused_supported(model)
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
-                             eps=cfg.eps, fused=fused or None)
+    if cfg.head_lr_mul != 1.0:  # a PretrainModel: its encoder is model.vl
+        groups = head_groups(model, cfg.weight_decay, cfg.lr, cfg.head_lr_mul)
+    else:  # the two groups of every run before head_lr_mul (their checkpoints' optimizer states fit)
+        groups = param_groups(model, cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 
 def clipped_step(optimizer: torch.optim.Optimizer, parameters, clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
