@@ -5,7 +5,9 @@ For each caption, with p = 0.5 the image is replaced by another sample's image
 pooled ``[CLS]`` state tells matched from mismatched pairs (softmax
 cross-entropy, as UNITER's code does).
 
-Negatives come from a pool of recent samples in the same worker's stream and
+Negatives come from a pool of other samples of the same worker's stream (with a token budget, the
+whole current bucket in shuffle order, so not length-matched neighbours; with a fixed batch size,
+the 64 most recent samples) and
 never pair a caption with its own image, nor with another caption's copy of
 it (COCO has five captions per image): a pool sample is rejected when it shows
 the same picture (:func:`same_image`: the same ``image_id``, ``img_fname`` or

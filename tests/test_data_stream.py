@@ -94,6 +94,28 @@ def test_token_budget_training_stream(tmp_path):
     assert max(n for n, L in batches if L == longest) < min(n for n, L in batches if L == shortest)
 
 
+def test_token_budget_itm_draws_negatives_from_the_whole_bucket(tmp_path):
+    """A token-budget batch is a length-sorted slice of its bucket: ITM's negatives pool is the
+    whole bucket (its samples of every length), not the samples just before in sorted order."""
+    bucket = 60
+    recipe = load_recipe(tiny_recipe(tmp_path), ["data.batch_size=null", "data.batch_tokens=400",
+                                                 f"data.bucket_size={bucket}"])
+    sources, _ = resolve_sources(recipe, progress=False)
+    b = build_model(recipe)
+    it = iter(task_streams(b, sources)["itm"])
+    seen, pools, lengths = 0, [], []
+    while seen < 2 * bucket:
+        batch = next(it)
+        seen += len(batch["itm_label"])
+        pool = batch["data_position"]["pools"][0]
+        pools.append({tuple(row) for row in pool.tolist()})
+        real = batch["text_mask"].sum(1) + batch["region_mask"].sum(1)
+        lengths.append((int(real.min()), int(real.max())))
+    assert all(len(p) == bucket for p in pools)  # every batch of a bucket draws from all of it
+    assert len({frozenset(p) for p in pools}) == 2  # one pool per bucket
+    assert len(lengths) > 2 and len(set(lengths)) > 1  # (the bucket's batches do differ in length)
+
+
 def test_two_sources_mixed_three_to_one(tmp_path):
     import webdataset as wds
 

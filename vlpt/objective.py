@@ -83,7 +83,8 @@ class Objective(nn.Module):
     #: modalities a sample must carry for this objective ("text", "image")
     needs: ClassVar[frozenset[str] | set[str]] = frozenset({"text", "image"})
     #: ``True`` if ``prepare`` needs other samples (e.g. to draw negatives):
-    #: the pipeline then passes a ``pool`` of recent clean samples.
+    #: the pipeline then passes a ``pool`` of other clean samples (the 64 most recent; with a token
+    #: budget, the current bucket).
     wants_pool: ClassVar[bool] = False
     #: objectives that must share this one's task, by name
     requires: ClassVar[tuple[str, ...]] = ()

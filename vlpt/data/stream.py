@@ -11,8 +11,12 @@ its own part of the stream (a *slot*, see :mod:`vlpt.data.readers`):
 4. a shuffle buffer;
 5. token-budget (or fixed-size) batching by the samples' own lengths (as UNITER's sampler
    budgets a batch before an ITM negative swaps an image in);
-6. each task's objectives ``prepare`` the batch's samples (with a pool of recent samples for
-   those that draw negatives), and the views are collated.
+6. each task's objectives ``prepare`` the batch's samples (with a pool of other samples for those
+   that draw negatives), and the views are collated. With a fixed batch size the pool is the
+   ``pool_size`` most recent samples; with a token budget it is the whole current bucket, in
+   shuffle order: the batches cut from a bucket are sorted by length, and a pool of the samples
+   just before one would hold its length neighbours (nearly the same caption length and region
+   count), where UNITER draws a negative image uniformly from its data set.
 
 One stream can serve several tasks (``heads``): under ``mixing: sum`` every task trains on every
 update, and tasks that read the same sources the same way then share one stream, so a sample is
@@ -218,8 +222,10 @@ class StreamRun:
         self.buffer: list[tuple[Location, dict]] = []  # the shuffle buffer
         self.bucket: list[tuple[Location, dict]] = []  # samples waiting to be batched
         self.pending: deque[list[tuple[Location, dict]]] = deque()  # batches of a bucket not yet yielded
-        # per head: its negatives pool's samples, and their locations
-        self.pools = [(deque(maxlen=h.pool_size), deque(maxlen=h.pool_size)) for h in stream.heads]
+        # per head: its negatives pool's samples, and their locations (token budget: the bucket's)
+        self.bucket_pools = stream.batch_size is None
+        sizes = [stream.bucket_size if self.bucket_pools and h.pool_size else h.pool_size for h in stream.heads]
+        self.pools = [(deque(maxlen=n), deque(maxlen=n)) for n in sizes]
         try:
             self.readers = self._readers((state or {}).get("readers"))
         except ValueError as e:  # the recipe's data changed since the checkpoint
@@ -308,6 +314,10 @@ class StreamRun:
             if s.batch_size is not None:
                 self.pending.append(bucket)
                 continue
+            for head, (samples, locs) in zip(s.heads, self.pools):  # the negatives pool: this bucket
+                if head.pool_size:
+                    samples.extend(x for _, x in bucket)
+                    locs.extend(loc for loc, _ in bucket)
             groups = token_budget_batches([sample_length(x) for _, x in bucket], s.batch_tokens, s.size_multiple)
             self.pending.extend([bucket[i] for i in groups[j]] for j in self.rng.permutation(len(groups)))
 
@@ -316,7 +326,7 @@ class StreamRun:
         samples, locs = self.pools[index]
         views = []
         for loc, sample in group:
-            if head.pool_size:
+            if head.pool_size and not self.bucket_pools:
                 samples.append(sample)
                 locs.append(loc)
             views.append(head.prepare(dict(sample), self.rng, samples if head.pool_size else None))
