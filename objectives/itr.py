@@ -15,6 +15,9 @@ is no negative. A sample's picture is its ``json`` ``image_id`` (or its key when
 UNITER draws 399 random candidates per positive from the whole data set and keeps 31; here the
 candidates are the batch's (B - 1), so the batch size sets how hard the negatives get.
 
+Started from a vlpt run that trained ITM, the rank head starts as UNITER's does (its
+``init_output``): the ITM head's matched-class row and bias (``init_from_itm``, default on).
+
 Evaluation reports ``itr_t2i_r{1,5,10}`` (each held-out caption ranks every held-out picture)
 and ``itr_i2t_r{1,5,10}`` (each picture ranks every caption; a hit when any of its captions is
 within the top k), over the whole held-out set (``eval.samples`` captions).
@@ -56,13 +59,25 @@ class ImageTextRetrieval(Objective):
     class Options:
         margin: float = 0.2  # of the triplet loss (UNITER: 0.2)
         hard_negatives: int = 31  # kept per positive, each way (UNITER: 31 of 399 candidates)
+        init_from_itm: bool = True  # from a run with ITM: the rank head starts as its matched row (UNITER)
 
     def __init__(self, options: Options, model, tokenizer):
         super().__init__(options, model, tokenizer)
-        # no bias: an offset shared by every pair changes no ranking (UNITER's rank head has one, copied
-        # from its ITM head; at zero it gets no gradient while the scores are alike)
-        self.rank = nn.Linear(model.config.hidden_size, 1, bias=False)
+        # UNITER's rank head has a bias, copied from its ITM head's; without that start (init_from_itm:
+        # false) none: an offset shared by every pair changes no ranking
+        self.rank = nn.Linear(model.config.hidden_size, 1, bias=self.options.init_from_itm)
         nn.init.normal_(self.rank.weight, std=0.02)
+        if self.rank.bias is not None:
+            nn.init.zeros_(self.rank.bias)
+
+    def init_from_pretrained(self, weights):
+        w, b = weights.get("objectives.itm.head.weight"), weights.get("objectives.itm.head.bias")
+        if not self.options.init_from_itm or w is None or b is None or tuple(w.shape) != (2, self.rank.in_features):
+            return None
+        with torch.no_grad():
+            self.rank.weight.copy_(w[1:])
+            self.rank.bias.copy_(b[1:])
+        return "rank head from the pretrained ITM head's matched row (UNITER's init_output)"
 
     def prepare(self, sample, rng, pool=None):
         sample["itr_picture"] = picture_id(sample)

@@ -214,6 +214,18 @@ def test_init_from_a_vlpt_run_loads_the_encoder_and_starts_heads_fresh(tmp_path,
     assert all(torch.equal(state[k], v) for k, v in saved.items() if k.startswith("vl."))
     head = "objectives.itm.head.weight"
     assert not torch.equal(state[head], saved[head])  # heads start fresh
+    # ... except a retrieval rank head, which starts as UNITER's from ITM's matched row and bias
+    itr = {"itr": {"weight": 1, "objectives": {"itr": {"weight": 1.0, "hard_negatives": 3}}}}
+    built = build_model(load_recipe(tiny_recipe(tmp_path, model={"init_from": str(tmp_path / "pre" / "run")},
+                                                tasks=itr)))
+    rank = built.model.objectives["itr"].rank
+    assert torch.equal(rank.weight.detach(), saved[head][1:]) and torch.equal(rank.bias.detach(), saved["objectives.itm.head.bias"][1:])
+    assert "itr: rank head from the pretrained ITM head" in built.init_report
+    off = dict(itr, itr={"weight": 1, "objectives": {"itr": {"weight": 1.0, "init_from_itm": False}}})
+    built = build_model(load_recipe(tiny_recipe(tmp_path, model={"init_from": str(tmp_path / "pre" / "run")}, tasks=off)))
+    report = built.init_report
+    assert built.model.objectives["itr"].rank.bias is None and "itr" in report.split("fresh heads: ")[1]
+    assert "rank head from" not in report
 
 
 # -- NLVR2's paired-attn head (UNITER's NLVR2 config) -----------------------------------------------

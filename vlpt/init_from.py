@@ -87,8 +87,11 @@ def load_init_weights(model: torch.nn.Module, path: str | Path, heads: bool = Fa
     model.vl.load_state_dict(weights, strict=False)
     note = f"; left at init: {', '.join(missing[:5])}" if missing else ""
     if not heads:
+        took = {name: obj.init_from_pretrained(saved) for name, obj in model.objectives.items()}
+        started = "".join(f"; {name}: {what}" for name, what in took.items() if what)
+        fresh = [name for name, what in took.items() if not what]
         return (f"model.init_from: loaded the encoder ({len(weights)} tensors: embedders, trunk, pooler) from {ckpt}; "
-                f"fresh heads: {', '.join(model.objectives) or 'none'}{note}")
+                f"fresh heads: {', '.join(fresh) or 'none'}{started}{note}")
     mine = model.objectives.state_dict()
     carried = {k[len("objectives."):]: v for k, v in saved.items() if k.startswith("objectives.")
                and k[len("objectives."):] in mine and mine[k[len("objectives."):]].shape == v.shape}

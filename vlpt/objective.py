@@ -117,6 +117,13 @@ class Objective(nn.Module):
         self.options = options
         self.tokenizer = tokenizer
 
+    def init_from_pretrained(self, weights: dict[str, torch.Tensor]) -> str | None:
+        """Called when the model starts from a vlpt run (``model.init_from``), after the encoder is
+        loaded, with that run's weights by name (``objectives.itm.head.weight``, ...): a fresh head may
+        start from a pretrained one (UNITER's retrieval finetune starts its rank head from ITM's).
+        Returns what it took, for the run's report, or None (default: nothing)."""
+        return None
+
     @classmethod
     def provided(cls, options: Any) -> tuple[str, ...]:
         """The shared values this objective provides with these options (default: ``provides``)."""
