@@ -9,8 +9,9 @@ its own part of the stream (a *slot*, see :mod:`vlpt.data.readers`):
 2. sources are interleaved by weight (UNITER mixes COCO/VG/CC/SBU this way);
 3. samples are decoded safely, tokenized, filtered (bad ones counted by reason);
 4. a shuffle buffer;
-5. token-budget (or fixed-size) batching by the samples' own lengths (as UNITER's sampler
-   budgets a batch before an ITM negative swaps an image in);
+5. token-budget (or fixed-size) batching by the samples' own lengths (before an ITM negative swaps
+   an image in: UNITER draws its negatives each epoch first and budgets with them, so a vlpt batch
+   with negatives can pad a little more than the budget says);
 6. each task's objectives ``prepare`` the batch's samples (with a pool of other samples for those
    that draw negatives), and the views are collated. With a fixed batch size the pool is the
    ``pool_size`` most recent samples; with a token budget it is the whole current bucket, in
