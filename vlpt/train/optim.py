@@ -60,8 +60,10 @@ def head_groups(model: nn.Module, weight_decay: float, lr: float, head_lr_mul: f
     heads at ``lr × head_lr_mul``, as UNITER's VQA finetune trains its answer head (``lr_mul``). The
     schedule scales each group's own lr, so the heads keep the ratio throughout."""
     heads = nn.ModuleDict({name: m for name, m in model.named_children() if name != "vl"})
+    encoder = {id(p) for p in model.vl.parameters()}  # a head tied to an encoder weight leaves it there
     return ([{**g, "lr": lr} for g in param_groups(model.vl, weight_decay)]
-            + [{**g, "lr": lr * head_lr_mul} for g in param_groups(heads, weight_decay)])
+            + [{**g, "params": [p for p in g["params"] if id(p) not in encoder], "lr": lr * head_lr_mul}
+               for g in param_groups(heads, weight_decay)])
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool | None = None) -> torch.optim.Optimizer:
