@@ -111,7 +111,7 @@ def test_refexp_head_has_uniters_one_or_two_layers():
     two = ReferringExpression(ReferringExpression.Options(), model, None).head  # RefCOCO+'s config
     one = ReferringExpression(ReferringExpression.Options(mlp=1), model, None).head  # RefCOCO's, RefCOCOg's
     assert isinstance(two, nn.Sequential) and len(two) == 4 and isinstance(one, nn.Linear)
-    assert one.weight.shape == (1, 8) and float(one.bias.abs().sum()) == 0.0
+    assert one.weight.shape == (1, 8) and float(one.bias.detach().abs().sum()) == 0.0
     assert "mlp is 1 or 2" in ReferringExpression.check_task(ReferringExpression.Options(mlp=3), [])
 
 
