@@ -44,6 +44,7 @@ def box_iou(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
 @register_objective("refexp")
 class ReferringExpression(Objective):
     needs = {"text", "image"}
+    needs_all_states = True  # every region is scored
     sample_fields = ("meta.target_region|meta.target_box",)
 
     @dataclass

@@ -28,6 +28,7 @@ from vlpt.ot import cosine_cost, ipot_plan, ot_distance
 @register_objective("wra")
 class WordRegionAlignment(Objective):
     needs = {"text", "image"}
+    needs_all_states = True  # every token and region
     uses = ("itm_label",)  # which pairs are matched: left by itm before it in the task
 
     @dataclass

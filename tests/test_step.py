@@ -173,6 +173,41 @@ def test_cpu_dropout_keeps_1_minus_p_scaled_and_backpropagates_through_its_mask(
     assert dropout(x, 0.1, False) is x
 
 
+def test_cpu_dropout_masks_follow_torchs_seed_and_rng_state():
+    from vlpt.model.dropout import keep_scale
+
+    x = torch.ones(64, 100)
+    torch.manual_seed(3)
+    first, second = keep_scale(x, 0.25), keep_scale(x, 0.25)
+    state = torch.get_rng_state()
+    third = keep_scale(x, 0.25)
+    torch.manual_seed(3)
+    assert torch.equal(keep_scale(x, 0.25), first) and torch.equal(keep_scale(x, 0.25), second)
+    torch.set_rng_state(state)  # a resumed run: torch's state alone decides the next mask
+    assert torch.equal(keep_scale(x, 0.25), third)
+    assert not torch.equal(first, second)
+    assert abs(float((first == 0).float().mean()) - 0.25) < 0.03
+    assert keep_scale(x.bfloat16(), 0.1).dtype == torch.bfloat16
+
+
+def test_itm_before_wra_reads_cls_from_the_one_whole_last_layer_pass(monkeypatch):
+    """WRA reads every final state: ITM's [CLS] comes from that same pass (one dropout draw), as in
+    UNITER, not from a separate [CLS]-only pass of the last layer."""
+    from vlpt.model.vl_model import TrunkOutput
+
+    task, m, batches = _model_and_batches({"itm": 1.0, "wra": 0.1}, n=1, dropout=0.1)
+    calls = []
+    rows = TrunkOutput.rows
+    monkeypatch.setattr(TrunkOutput, "rows", lambda self, *a, **k: calls.append(a) or rows(self, *a, **k))
+    m.train()
+    with real_count_known(batches[0], int(batches[0]["text_mask"].sum() + batches[0]["region_mask"].sum())):
+        m(task.name, batches[0])[0].backward()
+    assert calls == []
+    task, m, batches = _model_and_batches({"itm": 1.0}, n=1, dropout=0.1)
+    m(task.name, batches[0])
+    assert len(calls) == 1  # ITM alone reads [CLS] through the partial last layer
+
+
 def test_cpu_attention_with_dropout_is_scaled_dot_product_attention():
     from vlpt.model.dropout import attention
 

@@ -100,6 +100,11 @@ class Objective(nn.Module):
     uses: ClassVar[tuple[str, ...]] = ()
     #: ``True`` if it needs every pair of a batch to be a matching caption and image
     needs_matched_pairs: ClassVar[bool] = False
+    #: ``True`` if ``forward`` reads every position's final state (``out.hidden``, ``out.text`` or
+    #: ``out.regions``): the task then runs the trunk's last layer on every position before any of
+    #: its objectives reads, so an objective before this one that reads only ``[CLS]`` or a few
+    #: rows takes them from that same pass (one computation, one dropout draw) instead of its own
+    needs_all_states: ClassVar[bool] = False
 
     @dataclass
     class Options:

@@ -213,6 +213,9 @@ class PretrainModel(nn.Module):
                 options[spec.name] = spec.options
                 self.objectives[spec.name] = spec.cls(spec.options, vl, tokenizer)
         self.tasks = {t.name: t for t in tasks}
+        #: tasks with an objective that reads every final state (Objective.needs_all_states)
+        self.whole_last_layer = {t.name for t in tasks
+                                 if any(self.objectives[s.name].needs_all_states for s in t.objectives)}
 
     def pipeline(self, task: str) -> TaskPipeline:
         return TaskPipeline([self.objectives[s.name] for s in self.tasks[task].objectives])
@@ -220,6 +223,8 @@ class PretrainModel(nn.Module):
     def forward(self, task: str, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         """One task's weighted loss on one batch, with per-objective metrics (detached tensors or floats)."""
         out = self.vl(batch)  # out.shared: what the task's objectives leave for the ones after them
+        if task in self.whole_last_layer:
+            out.hidden  # noqa: B018  (the last layer on every position now; see Objective.needs_all_states)
         total = None
         metrics: dict[str, torch.Tensor | float] = {}
         for spec in self.tasks[task].objectives:

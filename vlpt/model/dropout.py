@@ -2,10 +2,14 @@
 
 PyTorch's CPU dropout draws a Bernoulli mask (its slowest part, ~6 ns an element on one core),
 divides it by the keep probability and multiplies: three passes, and the float mask is kept for
-backward. Here the mask is ``rand >= p`` scaled in place, from ``torch.rand`` (~3 ns an element):
-the same distribution (each element kept with probability ``1 - p`` and scaled by ``1 / (1 - p)``),
-other draws of the generator, ~30% less time forward and backward. On CUDA (a fused kernel) and
-under ``torch.compile`` (which fuses dropout itself) PyTorch's own is used.
+backward. Here each element gets 32 random bits from numpy's SFC64 generator (~0.4 ns an element;
+``torch.rand`` takes ~3 with its Mersenne twister), kept when they are at least ``p`` × 2³² and
+then worth ``1 / (1 - p)``: the same distribution (each element dropped with probability ``p``, to
+within 2⁻³²; ``torch.rand``'s 24-bit floats give 2⁻²⁴), other random numbers. The SFC64 stream of
+each mask is seeded by one draw from torch's default generator, so torch's seed and RNG state
+alone still decide every mask (seeding, checkpoints and resume work as before). A step of
+UNITER-base shape on 2 threads spends ~5% less time. On CUDA (a fused kernel) and under
+``torch.compile`` (which fuses dropout itself) PyTorch's own is used.
 
 In training with attention dropout, PyTorch's CPU ``scaled_dot_product_attention`` takes its
 math path, which also guards every row against being fully masked (three more passes over the
@@ -16,15 +20,27 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
+def keep_scale(like: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout's multiplier for every element of ``like`` (its shape and dtype): 0 with probability
+    ``p``, else ``1 / (1 - p)`` (see the module docstring for where the random bits come from)."""
+    n = like.numel()
+    seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)) % 2**64  # torch's generator decides
+    bits = np.random.SFC64(seed).random_raw((n + 1) // 2).view(np.uint32)[:n]  # (n,) uniform 32-bit
+    keep = np.greater_equal(bits, np.uint32(min(round(p * 2**32), 2**32 - 1)))  # (n,) bool
+    scale = np.multiply(keep, np.float32(1.0 / (1.0 - p)), dtype=np.float32)  # (n,) 0 or 1/(1-p)
+    return torch.from_numpy(scale).view(like.shape).to(like.dtype)
+
+
 class _CpuDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
-        noise = torch.rand_like(x).ge_(p).mul_(1.0 / (1.0 - p))  # 0 or 1/(1-p)
+        noise = keep_scale(x, p)  # 0 or 1/(1-p)
         ctx.save_for_backward(noise)
         return x * noise
 
@@ -39,7 +55,7 @@ class _CpuAddDropout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:
-        noise = torch.rand_like(y).ge_(p).mul_(1.0 / (1.0 - p))
+        noise = keep_scale(y, p)
         ctx.save_for_backward(noise)
         return torch.addcmul(x, y, noise)
 
