@@ -7,8 +7,8 @@ backward. Here each element gets 32 random bits from numpy's SFC64 generator (~0
 then worth ``1 / (1 - p)``: the same distribution (each element dropped with probability ``p``, to
 within 2⁻³²; ``torch.rand``'s 24-bit floats give 2⁻²⁴), other random numbers. The SFC64 stream of
 each mask is seeded by one draw from torch's default generator, so torch's seed and RNG state
-alone still decide every mask (seeding, checkpoints and resume work as before). A step of
-UNITER-base shape on 2 threads spends ~5% less time. On CUDA (a fused kernel) and under
+alone still decide every mask (seeding, checkpoints and resume work as before). The masks of an
+ITM+WRA step (hidden 256, batch 32, 2 threads) take 14.6 ms instead of 20.8 (~2% of the step). On CUDA (a fused kernel) and under
 ``torch.compile`` (which fuses dropout itself) PyTorch's own is used.
 
 In training with attention dropout, PyTorch's CPU ``scaled_dot_product_attention`` takes its
